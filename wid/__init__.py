@@ -1,0 +1,31 @@
+"""wid: Weight-Inherited Distillation for BERT-family models (Wu et al., NAACL 2024 Findings).
+
+    model = wid.attach(teacher, wid.WIDConfig(preset="wid55"))   # identity compactors, same logits
+    optimizer = wid.build_optimizer(model)                        # AdamW + the WID update rule
+    ... every w_step steps: wid.update_masks(model) ...
+    student = wid.fold(model)                                     # plain BertForMaskedLM
+"""
+from .architecture import TeacherDims, UnsupportedModelError
+from .compactors import CompactedLinear, MaskedLayerNorm, WIDState, attach
+from .config import PRESETS, WIDConfig
+from .fold import FoldError, fold, kept_indices, verify_fold
+from .masks import (
+    KeptWidths,
+    apply_schedule,
+    current_widths,
+    kept_widths,
+    masked_entry_norm,
+    masked_parameters,
+    prune,
+    update_masks,
+)
+from .optim import WIDAdamW, build_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WIDConfig", "PRESETS", "TeacherDims", "UnsupportedModelError", "attach", "CompactedLinear", "MaskedLayerNorm",
+    "WIDState", "update_masks", "apply_schedule", "prune", "kept_widths", "KeptWidths", "masked_parameters",
+    "masked_entry_norm", "current_widths", "WIDAdamW", "build_optimizer", "fold", "verify_fold", "kept_indices",
+    "FoldError",
+]

@@ -1,0 +1,175 @@
+"""The target student and every WID hyper-parameter, in one dataclass (WID_METHOD §3–§5).
+
+`WIDConfig` is validated on creation; `WIDConfig.for_teacher(teacher_config)` resolves presets
+into concrete widths for a given teacher and checks that the target is reachable, raising a
+ValueError that says what would work. Presets are defined relative to BERT-base and scaled to any
+teacher by width ratio, so `wid55` gives the paper's 516/12×43/2064 on BERT-base.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .architecture import TeacherDims
+
+STRATEGIES = ("dim", "head")
+ALIGNMENTS = ("mask", "tied")
+CRITERIA = ("representative", "group")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Widths as fractions of the teacher: per-head width (dim) / head count (head), and FFN width."""
+
+    hidden_ratio: float
+    intermediate_ratio: float
+    description: str
+
+
+PRESETS = {
+    "wid55": Preset(43 / 64, 2064 / 3072, "WID55: 54.9 M params from BERT-base (hidden 516 = 12×43, FFN 2064)"),
+    "wid11": Preset(16 / 64, 768 / 3072, "WID11: 11.3 M params from BERT-base (hidden 192, FFN 768)"),
+    "half": Preset(0.5, 0.5, "half the teacher's hidden and FFN widths"),
+}
+
+
+def _round_to_multiple(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+@dataclass
+class WIDConfig:
+    """Target student + WID hyper-parameters (defaults are the paper's)."""
+
+    target_hidden: int | None = None
+    target_intermediate: int | None = None
+    target_heads: int | None = None  # None: the teacher's head count (dim) / target_hidden / head width (head)
+    preset: str | None = None
+    strategy: str = "dim"
+    alignment: str = "mask"
+    criterion: str = "representative"
+    w_step: int = 500  # steps between mask updates
+    penalty: float = 20.0  # λ of the update rule
+    hidden_updates: int = 8  # mask updates until H reaches its target (dim strategy)
+    attention_updates: int = 8  # mask updates until every A_l reaches its target (dim strategy)
+    intermediate_updates: int = 16  # mask updates until every F_l reaches its target
+    mlm_updates: int = 16  # mask updates until M reaches its target
+    updates_per_head: int = 2  # head strategy: one more head pruned every this many mask updates
+    teacher_lr: float = 1e-6
+    compactor_lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.01
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    layer_norm_eps: float | None = field(default=None)  # None: the teacher's
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        for name, allowed in (("strategy", STRATEGIES), ("alignment", ALIGNMENTS), ("criterion", CRITERIA)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(allowed)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.preset is None and self.target_hidden is None:
+            raise ValueError(f"give target_hidden (and target_intermediate) or a preset ({', '.join(PRESETS)})")
+        for name in ("target_hidden", "target_intermediate", "target_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("w_step", "hidden_updates", "attention_updates", "intermediate_updates", "mlm_updates", "updates_per_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.penalty < 0:
+            raise ValueError(f"penalty must be >= 0, got {self.penalty}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.teacher_lr < 0 or self.compactor_lr <= 0:
+            raise ValueError("learning rates must be positive (teacher_lr may be 0 to freeze the teacher weights)")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, teacher_config=None, **overrides) -> "WIDConfig":
+        """A config for preset `name`; with `teacher_config`, its widths are resolved at once."""
+        config = cls(preset=name, **overrides)
+        return config.for_teacher(teacher_config) if teacher_config is not None else config
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WIDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # ------------------------------------------------------------------ resolution
+    def for_teacher(self, teacher_config) -> "WIDConfig":
+        """Concrete widths for this teacher, validated; raises ValueError saying what would work."""
+        dims = teacher_config if isinstance(teacher_config, TeacherDims) else TeacherDims.from_config(teacher_config)
+        hidden, intermediate, heads = self.target_hidden, self.target_intermediate, self.target_heads
+        if self.preset is not None:
+            preset = PRESETS[self.preset]
+            if hidden is None:
+                if self.strategy == "dim":
+                    hidden = dims.heads * max(1, round(dims.head_dim * preset.hidden_ratio))
+                else:
+                    hidden = dims.head_dim * max(1, round(dims.heads * preset.hidden_ratio))
+            if intermediate is None:
+                intermediate = max(1, round(dims.intermediate * preset.intermediate_ratio))
+        if intermediate is None:
+            intermediate = max(1, round(dims.intermediate * hidden / dims.hidden))
+        if hidden > dims.hidden:
+            raise ValueError(f"target_hidden={hidden} is larger than the teacher's hidden size {dims.hidden}; choose at most {dims.hidden}")
+        if intermediate > dims.intermediate:
+            raise ValueError(
+                f"target_intermediate={intermediate} is larger than the teacher's FFN width {dims.intermediate}; "
+                f"choose at most {dims.intermediate}"
+            )
+        if self.strategy == "dim":
+            if heads is not None and heads != dims.heads:
+                raise ValueError(
+                    f"strategy='dim' keeps all {dims.heads} heads, but target_heads={heads}; "
+                    f"drop target_heads or use strategy='head'"
+                )
+            heads = dims.heads
+            if hidden % heads:
+                low = max(heads, hidden // heads * heads)
+                raise ValueError(
+                    f"target_hidden={hidden} gives a head width of {hidden / heads:.2f} over {heads} heads; "
+                    f"use a multiple of {heads} such as {low} or {min(low + heads, dims.hidden)}"
+                )
+        else:
+            if hidden % dims.head_dim:
+                low = _round_to_multiple(hidden, dims.head_dim)
+                raise ValueError(
+                    f"strategy='head' removes whole heads of width {dims.head_dim}, so target_hidden must be a multiple "
+                    f"of {dims.head_dim} (e.g. {min(low, dims.hidden)}); or use strategy='dim'"
+                )
+            if heads is not None and heads * dims.head_dim != hidden:
+                raise ValueError(
+                    f"target_heads={heads} × head width {dims.head_dim} = {heads * dims.head_dim} ≠ target_hidden={hidden}; "
+                    f"use target_heads={hidden // dims.head_dim}"
+                )
+            heads = hidden // dims.head_dim
+        return dataclasses.replace(self, target_hidden=hidden, target_intermediate=intermediate, target_heads=heads)
+
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.target_hidden, self.target_intermediate, self.target_heads)
+
+    def student_head_dim(self) -> int:
+        return self.target_hidden // self.target_heads
+
+    def mask_updates_to_target(self, dims: TeacherDims) -> int:
+        """How many mask updates the schedule needs before every group sits at its target."""
+        if self.strategy == "dim":
+            stream = max(self.hidden_updates, self.attention_updates)
+        else:
+            stream = self.updates_per_head * (dims.heads - self.target_heads)
+        return max(stream, self.intermediate_updates, self.mlm_updates)
+
+    def steps_to_target(self, dims: TeacherDims) -> int:
+        return self.w_step * self.mask_updates_to_target(dims)
+

@@ -1,0 +1,113 @@
+"""The WID update rule inside AdamW (WID_METHOD §5).
+
+Before the first mask update every compactor gets a plain L2 pull: g = ∇L + p. Afterwards, for
+every masked parameter (compactors, and biases/LayerNorm of masked channels) with keep-mask m:
+
+    g = m ⊙ ∇L + (1 − m) ⊙ min(λ, 1) · p
+    exp_avg += (1 − β1) · (1 − m) ⊙ (λ − 1) · p      (only if λ > 1: the first-moment injection)
+
+then AdamW without bias correction: decoupled weight decay p ← p·(1 − lr·wd) (torch.optim.AdamW's
+order), exp_avg ← β1·exp_avg + (1−β1)·g, exp_avg_sq ← β2·exp_avg_sq + (1−β2)·g²,
+p ← p − lr · exp_avg / (√exp_avg_sq + eps).
+"""
+from __future__ import annotations
+
+import torch
+
+from .compactors import WIDState, is_compactor_name, wid_state
+from .masks import MaskedParameter, broadcast_keep, masked_parameters
+
+
+class WIDAdamW(torch.optim.Optimizer):
+    """AdamW (no bias correction) with the WID update rule for the parameters in `masked`."""
+
+    def __init__(self, params, state: WIDState, masked: list[MaskedParameter], lr=5e-5, betas=(0.9, 0.999), eps=1e-6,
+                 weight_decay=0.0, penalty=20.0):
+        if lr < 0 or eps <= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
+            raise ValueError(f"invalid WIDAdamW hyper-parameters lr={lr} betas={betas} eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.penalty = float(penalty)
+        object.__setattr__(self, "_wid", state)
+        self._masked = {id(item.param): item for item in masked}
+
+    def _rule(self, p: torch.Tensor, grad: torch.Tensor):
+        """The update rule: returns (g, first-moment injection or None)."""
+        item = self._masked.get(id(p))
+        if item is None:
+            return grad, None
+        if not self._wid.masks_active:
+            return (grad + p, None) if item.is_compactor else (grad, None)
+        keep = broadcast_keep(self._wid.keep(item.group), p, item.dim).to(p.dtype)
+        drop = 1 - keep
+        g = keep * grad + drop * (min(self.penalty, 1.0) * p)
+        extra = drop * ((self.penalty - 1.0) * p) if self.penalty > 1 else None
+        return g, extra
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("WIDAdamW does not support sparse gradients")
+                g, extra = self._rule(p, p.grad)
+                slot = self.state[p]
+                if not slot:
+                    slot["step"] = 0
+                    slot["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    slot["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                slot["step"] += 1
+                exp_avg, exp_avg_sq = slot["exp_avg"], slot["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+                if extra is not None:
+                    exp_avg.add_(extra, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                if decay:
+                    p.mul_(1 - lr * decay)
+                p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+        return loss
+
+
+def parameter_groups(model, config=None) -> list[dict]:
+    """Three groups: compactors (5e-5, wd), teacher matrices (1e-6, wd), teacher vectors (1e-6, no wd)."""
+    config = config or wid_state(model).config
+    compactors, matrices, vectors = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_compactor_name(name):
+            compactors.append(param)
+        elif param.dim() >= 2:
+            matrices.append(param)
+        else:
+            vectors.append(param)
+    groups = [
+        dict(params=compactors, lr=config.compactor_lr, weight_decay=config.weight_decay, name="compactors"),
+        dict(params=matrices, lr=config.teacher_lr, weight_decay=config.weight_decay, name="teacher_weights"),
+        dict(params=vectors, lr=config.teacher_lr, weight_decay=0.0, name="teacher_biases_and_norms"),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model, config=None) -> WIDAdamW:
+    """The optimizer of WID_METHOD §5 for an attached model."""
+    state = wid_state(model)
+    config = config or state.config
+    return WIDAdamW(
+        parameter_groups(model, config),
+        state=state,
+        masked=masked_parameters(model),
+        lr=config.compactor_lr,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        penalty=config.penalty,
+    )
+

@@ -1,0 +1,2 @@
+"""Kernel backends. Each module exposes any subset of the op functions of `wid_kernels.reference`;
+what a backend does not implement falls back to the reference (the bitsandbytes "default" idea)."""

@@ -1,0 +1,67 @@
+"""Pure-PyTorch reference math of every WID op (DESIGN.md "Ops").
+
+This is the single source of truth that every backend is tested against and that the benchmarks
+use as the unfused baseline. It is written the way the authors' UER code computes things: each
+compactor is applied to the activations as its own linear layer, and LayerNorm statistics are
+taken over the kept channels with Hugging Face's formula (biased variance, eps inside the sqrt).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
+    """y = ((x Lᵀ) Wᵀ + b) Qᵀ: three GEMMs on the activations (the unfused baseline).
+
+    `keep_out`/`keep_in` are accepted for interface parity; the reference computes every gradient.
+    """
+    h = x if L is None else F.linear(x, L)
+    h = F.linear(h, W, bias)
+    return h if Q is None else F.linear(h, Q)
+
+
+def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
+    """W_eff = (Q[keep_out] · W · L[:, keep_in]) · scale, b_eff = (Q · b)[keep_out] · scale."""
+    W_eff = W
+    if Q is not None:
+        W_eff = (Q if keep_out is None else Q[keep_out]) @ W_eff
+    elif keep_out is not None:
+        W_eff = W_eff[keep_out]
+    if L is not None:
+        W_eff = W_eff @ (L if keep_in is None else L[:, keep_in])
+    elif keep_in is not None:
+        W_eff = W_eff[:, keep_in]
+    b_eff = None
+    if bias is not None:
+        b_eff = bias if Q is None else Q @ bias
+        if keep_out is not None:
+            b_eff = b_eff[keep_out]
+    if scale is not None:
+        W_eff = W_eff * scale
+        b_eff = None if b_eff is None else b_eff * scale
+    return W_eff, b_eff
+
+
+def masked_layer_norm(x, residual, gamma, beta, keep, eps):
+    """LayerNorm of (x + residual) with mean/variance over the kept channels only (WID_METHOD §6).
+
+    γ and β are applied to every channel, so channels whose γ, β are zero come out as zero and
+    the narrower student's ordinary LayerNorm computes exactly the kept channels.
+    Statistics are computed in fp32 whatever the input dtype.
+    """
+    h = x if residual is None else x + residual
+    if keep is None:
+        return F.layer_norm(h, h.shape[-1:], gamma, beta, eps)
+    hf = h.float()
+    kf = keep.to(hf.dtype)
+    count = kf.sum().clamp_min(1.0)
+    mean = (hf * kf).sum(-1, keepdim=True) / count
+    centered = hf - mean
+    var = (centered.square() * kf).sum(-1, keepdim=True) / count
+    y = centered * torch.rsqrt(var + eps)
+    if gamma is not None:
+        y = y * gamma.float()
+    if beta is not None:
+        y = y + beta.float()
+    return y.to(h.dtype)

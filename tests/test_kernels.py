@@ -1,0 +1,160 @@
+"""Every op of every available backend against the pure-PyTorch reference: forward and backward,
+odd shapes, several dtypes, kept sets that are empty, full and scattered."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wid_kernels
+from wid_kernels import reference
+
+BACKENDS = [name for name, reason in wid_kernels.available_backends().items() if reason is None]
+SHAPES = [(5, 7, 3), (37, 13, 19), (130, 33, 17), (1, 1, 1)]  # (tokens, m, k): odd, not block multiples
+TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-10, torch.bfloat16: 6e-2}
+
+
+def _keep(size, kind, generator):
+    if kind == "none":
+        return None
+    if kind == "full":
+        return torch.ones(size, dtype=torch.bool)
+    if kind == "empty":
+        return torch.zeros(size, dtype=torch.bool)
+    keep = torch.rand(size, generator=generator) < 0.5
+    keep[0] = True
+    return keep
+
+
+def _close(got, expected, dtype, what):
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = max(1.0, float(expected.abs().max()))
+    error = float((got.float() - expected.float()).abs().max()) / scale
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    previous = wid_kernels.get_backend()
+    wid_kernels.set_backend(request.param)
+    yield request.param
+    wid_kernels.set_backend(previous)
+
+
+def test_reference_and_torch_backends_are_always_available():
+    assert {"reference", "torch"} <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("tokens, m, k", SHAPES)
+@pytest.mark.parametrize("keep_kind", ["none", "full", "empty", "scattered"])
+def test_compacted_linear_forward_and_backward(backend, tokens, m, k, dtype, keep_kind):
+    generator = torch.Generator().manual_seed(tokens * 31 + m)
+    make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+    x, Q, W, L, b = make(2, tokens, k), make(m, m), make(m, k), make(k, k), make(m)
+    keep_out, keep_in = _keep(m, keep_kind, generator), _keep(k, keep_kind, generator)
+    grad_y = torch.randn(2, tokens, m, generator=generator, dtype=torch.float64).to(dtype)
+
+    def run(fn):
+        for t in (x, Q, W, L, b):
+            t.grad = None
+        y = fn(x, Q, W, L, b, keep_out=keep_out, keep_in=keep_in)
+        y.backward(grad_y)
+        return y.detach(), [t.grad.clone() for t in (x, Q, W, L, b)]
+
+    y_ref, grads_ref = run(lambda *a, **kw: reference.compacted_linear(*(t.double() for t in a), **kw).to(dtype))
+    y, grads = run(wid_kernels.compacted_linear)
+    _close(y, y_ref, dtype, "y")
+    names = ("dx", "dQ", "dW", "dL", "db")
+    for name, got, expected in zip(names, grads, grads_ref):
+        if name == "dQ" and keep_out is not None:  # rows the update rule discards may be left uncomputed
+            got, expected = got[keep_out], expected[keep_out]
+        if name == "dL" and keep_in is not None:
+            got, expected = got[:, keep_in], expected[:, keep_in]
+        _close(got, expected, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k", [(7, 5), (33, 17), (1, 9)])
+@pytest.mark.parametrize("keep_kind", ["none", "full", "scattered"])
+def test_fold_matches_explicit_products(backend, m, k, dtype, keep_kind):
+    generator = torch.Generator().manual_seed(m * k)
+    Q, W, L, b = (torch.randn(*s, generator=generator).to(dtype) for s in ((m, m), (m, k), (k, k), (m,)))
+    keep_out, keep_in = _keep(m, keep_kind, generator), _keep(k, keep_kind, generator)
+    W_eff, b_eff = wid_kernels.fold(Q, W, L, b, keep_out=keep_out, keep_in=keep_in, scale=0.75)
+    full_w = Q.double() @ W.double() @ L.double() * 0.75
+    full_b = Q.double() @ b.double() * 0.75
+    rows = slice(None) if keep_out is None else keep_out
+    cols = slice(None) if keep_in is None else keep_in
+    assert W_eff.dtype == dtype
+    _close(W_eff, full_w[rows][:, cols], dtype, "W_eff")
+    _close(b_eff, full_b[rows], dtype, "b_eff")
+
+
+def test_fold_without_compactors_only_selects():
+    W, b = torch.randn(6, 4), torch.randn(6)
+    keep_out = torch.tensor([True, False, True, True, False, True])
+    W_eff, b_eff = wid_kernels.fold(None, W, None, b, keep_out=keep_out)
+    assert torch.equal(W_eff, W[keep_out]) and torch.equal(b_eff, b[keep_out])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 7, 45, 129])
+@pytest.mark.parametrize("keep_kind", ["none", "full", "scattered"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_masked_layer_norm_forward_and_backward(backend, width, dtype, keep_kind, with_residual):
+    generator = torch.Generator().manual_seed(width)
+    make = lambda *shape: (torch.randn(*shape, generator=generator, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+    x, residual, gamma, beta = make(3, 5, width), make(3, 5, width), make(width), make(width)
+    residual = residual if with_residual else None
+    keep = _keep(width, keep_kind, generator)
+    grad_y = torch.randn(3, 5, width, generator=generator, dtype=torch.float64).to(dtype)
+    tensors = [t for t in (x, residual, gamma, beta) if t is not None]
+
+    def run(fn):
+        for t in tensors:
+            t.grad = None
+        y = fn(x, residual, gamma, beta, keep, 1e-5)
+        y.backward(grad_y)
+        return y.detach(), [t.grad.clone() for t in tensors]
+
+    y_ref, grads_ref = run(lambda *a: reference.masked_layer_norm(*(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)).to(dtype))
+    y, grads = run(wid_kernels.masked_layer_norm)
+    _close(y, y_ref, dtype, "y")
+    for got, expected in zip(grads, grads_ref):
+        _close(got, expected, dtype, "grad")
+
+
+def test_masked_layer_norm_equals_a_plain_layer_norm_over_the_kept_channels():
+    torch.manual_seed(0)
+    x, gamma, beta = torch.randn(4, 11) * 3 + 1, torch.randn(11), torch.randn(11)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    y = reference.masked_layer_norm(x, None, gamma, beta, keep, 1e-12)
+    plain = torch.nn.functional.layer_norm(x[:, keep], (int(keep.sum()),), gamma[keep], beta[keep], 1e-12)
+    torch.testing.assert_close(y[:, keep], plain)
+    mean = x[:, keep].mean(-1, keepdim=True)
+    std = x[:, keep].var(-1, unbiased=False, keepdim=True).add(1e-12).sqrt()
+    torch.testing.assert_close(y[:, ~keep], (x[:, ~keep] - mean) / std * gamma[~keep] + beta[~keep])
+
+
+def test_torch_backend_folds_only_when_cheaper():
+    from wid_kernels.backends.torch_matmul import should_fold
+
+    assert should_fold(tokens=4096, compactor_size=768, other_size=3072)
+    assert not should_fold(tokens=16, compactor_size=768, other_size=768)
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="choose one of: auto, reference, torch"):
+        wid_kernels.set_backend("cudnn")
+
+
+def test_environment_variable_selects_the_backend():
+    code = "import wid_kernels; print(wid_kernels.get_backend())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, WID_BACKEND="reference", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"

@@ -157,14 +157,20 @@ def _group_width(widths: KeptWidths, group: str) -> tuple[int, bool]:
 
 
 @torch.no_grad()
-def apply_schedule(model, updates: int) -> KeptWidths:
-    """Set every mask to the schedule's widths after `updates` updates, ranking channels afresh."""
+def apply_widths(model, widths: KeptWidths) -> None:
+    """Set every mask to keep `widths` channels, ranking channels afresh by the current compactors."""
     state: WIDState = wid_state(model)
-    widths = kept_widths(state.config, state.dims, updates)
     for group in state.groups():
         kept, chunked = _group_width(widths, group)
         scores = channel_scores(model, group)
         state.keep(group).copy_(select_channels(scores, kept, state.config, state.dims, chunked))
+
+
+def apply_schedule(model, updates: int) -> KeptWidths:
+    """Set every mask to the schedule's widths after `updates` updates."""
+    state: WIDState = wid_state(model)
+    widths = kept_widths(state.config, state.dims, updates)
+    apply_widths(model, widths)
     state.mask_updates.fill_(updates)
     state._masks_active = updates > 0
     return widths
@@ -195,6 +201,24 @@ def prune(model) -> KeptWidths:
     widths = apply_schedule(model, updates)
     zero_masked_entries(model)
     return widths
+
+
+def at_target(model) -> bool:
+    """True when every mask keeps exactly the target width (the schedule has finished)."""
+    state = wid_state(model)
+    target = kept_widths(state.config, state.dims, state.config.mask_updates_to_target(state.dims))
+    widths = current_widths(model)
+    return state.masks_active and (widths["hidden"], widths["mlm"]) == (target.hidden, target.mlm) and set(
+        widths["attention"]) == {target.attention} and set(widths["intermediate"]) == {target.intermediate}
+
+
+def finalize(model) -> None:
+    """Make the fold exact at the target width: keep the trained masks if they are at the target
+    (re-ranking now would drop channels the penalty kept alive), else prune to it; zero masked entries."""
+    if at_target(model):
+        zero_masked_entries(model)
+    else:
+        prune(model)
 
 
 @torch.no_grad()

@@ -1,0 +1,134 @@
+"""The `wid` command: distill, export, verify, info.
+
+    wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
+                [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...] [Trainer options]
+    wid export CHECKPOINT_DIR OUTPUT_DIR
+    wid verify CHECKPOINT_DIR STUDENT_DIR
+    wid info
+
+Bad input ends with one line on stderr that names the fix and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _given(argv, name) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def distill(argv) -> int:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .distill import DEFAULT_RUN, DistillArguments, format_summary, run_distillation
+
+    parser = HfArgumentParser((DistillArguments, TrainingArguments), prog="wid distill")
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    defaults = {}
+    if not _given(argv, "output_dir"):
+        defaults["output_dir"] = "wid-student"
+    if args.teacher is None and args.corpus is None and not _given(argv, "max_steps"):
+        for name in ("max_steps", "per_device_train_batch_size", "logging_steps"):
+            if not _given(argv, name):
+                defaults[name] = DEFAULT_RUN[name]
+        if args.preset is None and args.target_hidden is None:
+            args.preset = DEFAULT_RUN["preset"]
+        if args.w_step is None:
+            args.w_step = DEFAULT_RUN["w_step"]
+        if args.head_warmup_steps is None:
+            args.head_warmup_steps = DEFAULT_RUN["head_warmup_steps"]
+    if not _given(argv, "report_to"):
+        defaults["report_to"] = "none"
+    if not _given(argv, "save_steps") and not _given(argv, "save_strategy"):
+        defaults["save_steps"] = 500
+    if defaults:
+        argv = list(argv) + [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
+        args_again, training_args = parser.parse_args_into_dataclasses(args=argv)
+    summary = run_distillation(args, training_args)
+    print(format_summary(summary))
+    return 0
+
+
+def export(argv) -> int:
+    from .export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="wid export", description="fold a wid distill checkpoint into a plain student")
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    report = export_checkpoint(args.checkpoint_dir, args.output_dir)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def verify(argv) -> int:
+    from .export import verify_student
+
+    parser = argparse.ArgumentParser(prog="wid verify", description="re-check a student against its checkpoint")
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("student_dir")
+    args = parser.parse_args(argv)
+    report = verify_student(args.checkpoint_dir, args.student_dir)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def info(argv) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    import wid
+    import wid_kernels
+
+    lines = [
+        f"wid {wid.__version__}, python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"devices: cpu ({os.cpu_count()} cores)"
+        + "".join(f", cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())),
+        f"kernel backend in use: {wid_kernels.get_backend()} (set with --backend or WID_BACKEND)",
+        "backends:",
+    ]
+    for name, reason in wid_kernels.available_backends().items():
+        lines.append(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {"distill": distill, "export": export, "verify": verify, "info": info}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
+              f"usage: wid {{{','.join(COMMANDS)}}} ... (wid COMMAND --help for its options)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from .architecture import UnsupportedModelError
+    from .distill import RunError
+    from .export import CheckpointError
+    from .fold import FoldError
+    from .training import TrainingDivergedError
+
+    expected = (UnsupportedModelError, RunError, CheckpointError, FoldError, TrainingDivergedError)
+    try:
+        from .data import CorpusError
+
+        expected = expected + (CorpusError,)
+    except ImportError:
+        pass
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except expected as error:
+        print(f"wid {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # config validation (impossible targets, bad options)
+        print(f"wid {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""One WID distillation run, end to end: teacher → data → (head warm-up) → WID → fold → student.
+
+`DistillArguments` holds the WID-specific flags of `wid distill`; the Trainer's own options come in
+a `transformers.TrainingArguments`. With no teacher, corpus or step count given, the run uses the
+built-in default (all-MiniLM-L6-v2 and the shipped corpus) sized to finish on a 2-core CPU in
+under 15 minutes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel, TrainingArguments
+
+import wid_kernels
+
+from .architecture import TeacherDims, UnsupportedModelError, check_supported_config, ensure_mlm_head
+from .compactors import attach, wid_state
+from .config import WIDConfig
+from .export import save_student, write_atomically
+from .fold import fold, verify_fold
+from .masks import at_target, current_widths, finalize, masked_entry_norm
+from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step
+
+# The built-in default run, measured on a 2-core CPU (see README): ~10 minutes end to end.
+DEFAULT_RUN = dict(preset="half", max_steps=240, head_warmup_steps=120, per_device_train_batch_size=16, w_step=12, logging_steps=12)
+
+
+@dataclass
+class DistillArguments:
+    """WID flags of `wid distill` (the Trainer's flags come from TrainingArguments)."""
+
+    teacher: str | None = field(default=None, metadata={"help": "teacher directory or name; default: the built-in all-MiniLM-L6-v2"})
+    corpus: list[str] | None = field(default=None, metadata={"help": "text files, directories or a datasets name; default: the shipped corpus"})
+    preset: str | None = field(default=None, metadata={"help": "wid55 | wid11 | half (scaled to the teacher)"})
+    target_hidden: int | None = field(default=None, metadata={"help": "student hidden width"})
+    target_intermediate: int | None = field(default=None, metadata={"help": "student FFN width"})
+    target_heads: int | None = field(default=None, metadata={"help": "student heads (strategy=head)"})
+    strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
+    alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster)"})
+    criterion: str = field(default="representative", metadata={"help": "representative | group"})
+    w_step: int | None = field(default=None, metadata={"help": "steps between mask updates (default 500, fitted to max_steps)"})
+    penalty: float = field(default=20.0, metadata={"help": "λ of the update rule"})
+    teacher_lr: float = field(default=1e-6, metadata={"help": "learning rate of the inherited teacher weights"})
+    compactor_lr: float = field(default=5e-5, metadata={"help": "learning rate of the compactors"})
+    backend: str = field(default="auto", metadata={"help": "kernel backend: auto | reference | torch | triton | cuda"})
+    head_warmup_steps: int | None = field(default=None, metadata={"help": "MLM-head warm-up steps (encoder frozen); default: 0 if the teacher has a head"})
+    head_warmup_lr: float = field(default=5e-4, metadata={"help": "learning rate of the head warm-up"})
+    save_widths: list[float] | None = field(default=None, metadata={"help": "also write students when the hidden width passes these fractions, e.g. 0.75 0.5"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
+
+
+class RunError(ValueError):
+    """Bad input to a run: one line that names the fix."""
+
+
+def load_teacher(name_or_path: str):
+    """(model, tokenizer, has_mlm_head): a BertForMaskedLM, with a fresh head if the checkpoint had none."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as exc:
+        raise RunError(f"cannot load the teacher '{name_or_path}' ({type(exc).__name__}); pass a local model directory "
+                       "(config.json + weights) or a hub name while online") from None
+    check_supported_config(config)
+    model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+    has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
+    if not has_head:
+        model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model, tokenizer, has_head
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"output_dir {output_dir} is a file; choose a directory")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+        raise RunError(f"output_dir {output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint, or another --output_dir")
+
+
+def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: str | None = None) -> WIDConfig:
+    preset = args.preset
+    if preset is None and args.target_hidden is None:
+        preset = default_preset or "half"
+    return WIDConfig(
+        target_hidden=args.target_hidden,
+        target_intermediate=args.target_intermediate,
+        target_heads=args.target_heads,
+        preset=preset,
+        strategy=args.strategy,
+        alignment=args.alignment,
+        criterion=args.criterion,
+        w_step=args.w_step or 500,
+        penalty=args.penalty,
+        teacher_lr=args.teacher_lr,
+        compactor_lr=args.compactor_lr,
+    ).for_teacher(dims)
+
+
+def _trainer_args(base: TrainingArguments, **changes) -> TrainingArguments:
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    values.update(changes)
+    return TrainingArguments(**{k: v for k, v in values.items() if not k.startswith("_")})
+
+
+def _encoder_parameters(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith("bert.") and "compactor" not in name)
+
+
+def _last_loss(trainer) -> float | None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return float(losses[-1]) if losses else None
+
+
+def warm_up_head(model, dataset, collator, args: TrainingArguments, steps: int, lr: float, output_dir: Path):
+    """Train only the MLM head (transform + decoder bias; encoder and tied decoder frozen)."""
+    done = output_dir / "head-warmup"
+    if (done / "config.json").exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(done / "model.safetensors")), strict=False)
+        return None
+    head = model.cls.predictions
+    trainable = {id(p) for p in head.transform.parameters()} | {id(head.bias)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+    warm_args = _trainer_args(args, output_dir=str(done) + ".run", max_steps=steps, learning_rate=lr, save_strategy="no",
+                              warmup_ratio=0.0, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0)
+    trainer = MaskedLMTrainer(model=model, args=warm_args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if trainer.is_world_process_zero():
+        write_atomically(done, lambda tmp: model.save_pretrained(tmp))
+    return _last_loss(trainer)
+
+
+@torch.no_grad()
+def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: int = 8) -> float | None:
+    """Mean masked-LM loss on held-out sequences (fixed masking seed, so comparable across models)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    model.eval()
+    device = next(model.parameters()).device
+    state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    total, count = 0.0, 0
+    try:
+        for start in range(0, min(len(dataset), batch_size * max_batches), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            labels = batch["labels"]
+            total += float(torch.nn.functional.cross_entropy(logits[labels != -100].float(), labels[labels != -100], reduction="sum"))
+            count += int((labels != -100).sum())
+    finally:
+        torch.random.set_rng_state(state)
+    return total / max(count, 1)
+
+
+def run_distillation(args: DistillArguments, training_args: TrainingArguments, callbacks=()) -> dict:
+    """The whole run; returns the summary (also written to output_dir/wid_summary.json)."""
+    from .data import build_mlm_dataset, mlm_collator
+    from .teachers import default_teacher_path
+
+    started = time.time()
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    check_output_dir(str(output_dir), args.overwrite_output_dir, bool(resume))
+    backend = wid_kernels.set_backend(args.backend)
+
+    teacher_name = args.teacher or default_teacher_path()
+    model, tokenizer, has_head = load_teacher(teacher_name)
+    dims = TeacherDims.from_config(model.config)
+    config = wid_config_from(args, dims)
+    teacher_params = _encoder_parameters(model)
+
+    dataset = build_mlm_dataset(tokenizer, args.corpus, seq_len=args.max_seq_length)
+    heldout = build_mlm_dataset(tokenizer, None, seq_len=args.max_seq_length, heldout=True) if args.corpus is None else None
+    collator = mlm_collator(tokenizer)
+    checkpoints = output_dir / "checkpoints"
+    notices = []
+
+    warmup_steps = args.head_warmup_steps if args.head_warmup_steps is not None else (0 if has_head else max(10, training_args.max_steps // 5))
+    warmup_loss = None
+    if warmup_steps > 0:
+        warmup_loss = warm_up_head(model, dataset, collator, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
+    teacher_heldout = heldout_loss(model, heldout, collator)
+
+    w_step, notice = fit_w_step(config, dims, training_args.max_steps)
+    if notice:
+        notices.append(notice)
+        print(f"[wid] {notice}")
+    config = dataclasses.replace(config, w_step=w_step)
+    model = attach(model, config)
+    wid_args = _trainer_args(training_args, output_dir=str(checkpoints), warmup_ratio=config.warmup_ratio,
+                             lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
+    trainer = WIDTrainer(model=model, args=wid_args, train_dataset=dataset, data_collator=collator)
+    student_dirs = {}
+
+    def write_width(fraction, snapshot):
+        path = output_dir / f"student-{round(fraction * 100)}pct"
+        save_student(fold(snapshot, progressbar=False), path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step})
+        student_dirs[fraction] = str(path)
+
+    trainer.add_callback(WIDScheduleCallback(trainer, args.save_widths or (), write_width))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+
+    model = trainer.model
+    model.to("cpu").float()
+    reached = at_target(model)
+    masked_norm = masked_entry_norm(model)
+    if not reached:
+        notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
+    finalize(model)
+    student = fold(model)
+    difference = verify_fold(model, student)
+    summary = {
+        "teacher": str(teacher_name),
+        "student_dir": str(output_dir),
+        "checkpoints_dir": str(checkpoints),
+        "backend": backend,
+        "teacher_encoder_parameters": teacher_params,
+        "student_encoder_parameters": sum(p.numel() for n, p in student.named_parameters() if n.startswith("bert.")),
+        "teacher_widths": {"hidden": dims.hidden, "heads": dims.heads, "intermediate": dims.intermediate, "layers": dims.layers},
+        "student_widths": {"hidden": student.config.hidden_size, "heads": student.config.num_attention_heads,
+                           "intermediate": student.config.intermediate_size, "layers": student.config.num_hidden_layers},
+        "wid_config": config.to_dict(),
+        "steps": trainer.state.global_step,
+        "head_warmup_steps": warmup_steps,
+        "head_warmup_final_loss": warmup_loss,
+        "final_mlm_loss": _last_loss(trainer),
+        "teacher_heldout_mlm_loss": teacher_heldout,
+        "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
+        "schedule_reached_target_at_step": config.steps_to_target(dims),
+        "masked_entry_norm_before_fold": masked_norm,
+        "max_logit_difference_fold": difference,
+        "intermediate_students": student_dirs,
+        "notices": notices,
+        "seconds": round(time.time() - started, 1),
+    }
+    if trainer.is_world_process_zero():
+        save_student(student, output_dir, tokenizer, summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    t, s = summary["teacher_widths"], summary["student_widths"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    lines = [
+        "WID distillation finished",
+        f"  teacher   {summary['teacher']}",
+        f"  widths    hidden {t['hidden']} → {s['hidden']}, heads {t['heads']} → {s['heads']} × {s['hidden'] // s['heads']}, "
+        f"FFN {t['intermediate']} → {s['intermediate']}, layers {s['layers']}",
+        f"  params    encoder {summary['teacher_encoder_parameters'] / 1e6:.2f} M → {summary['student_encoder_parameters'] / 1e6:.2f} M",
+        f"  steps     {summary['steps']} WID steps (+{summary['head_warmup_steps']} head warm-up); masks at target from step "
+        f"{summary['schedule_reached_target_at_step']}",
+        f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
+        f"vs student {fmt(summary['student_heldout_mlm_loss'])}",
+        f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits max diff "
+        f"{summary['max_logit_difference_fold']:.2e}",
+        f"  student   {summary['student_dir']}  (AutoModelForMaskedLM.from_pretrained / AutoModel)",
+        f"  checkpoints {summary['checkpoints_dir']}",
+    ]
+    for fraction, path in summary["intermediate_students"].items():
+        lines.append(f"  student at {fraction:.0%} width: {path}")
+    lines += [f"  note: {n}" for n in summary["notices"]]
+    lines.append(f"  time      {summary['seconds']:.0f} s, backend {summary['backend']}")
+    return "\n".join(lines)

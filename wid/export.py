@@ -1,0 +1,143 @@
+"""Checkpoints in, students out: loading a WID training checkpoint, folding it, writing the
+student atomically, and re-checking a student against its checkpoint (WID_METHOD §8).
+
+A student directory is written to a temporary folder beside it and moved in with `config.json`
+last, so a killed run never leaves something `from_pretrained` would load half-way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+
+from .compactors import attach
+from .config import WIDConfig
+from .fold import fold, verify_fold
+from .masks import finalize, masked_entry_norm
+
+TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or student directory that cannot be read."""
+
+
+def _read_weights(path: Path) -> dict:
+    safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
+    try:
+        if safetensors_file.exists():
+            from safetensors.torch import load_file
+
+            return load_file(str(safetensors_file))
+        if torch_file.exists():
+            return torch.load(torch_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the weights in {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
+                              "incomplete: use an earlier checkpoint") from None
+    raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin; pass a checkpoint-N folder written by wid distill")
+
+
+def load_checkpoint(path) -> BertForMaskedLM:
+    """Rebuild the compactor model of a `wid distill` training checkpoint (masks included)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a WID training checkpoint (no config.json); pass a checkpoint-N folder written by wid distill")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path / 'config.json'} ({exc}); the checkpoint is corrupt: use an earlier one") from None
+    settings = getattr(config, "wid", None)
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} holds no WID settings (config.wid): it is a plain model, not a wid distill checkpoint")
+    weights = _read_weights(path)
+    with torch.device("cpu"):
+        model = BertForMaskedLM(config)
+    model = attach(model, WIDConfig.from_dict(settings))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in TIED_KEYS]
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise CheckpointError(f"the weights in {path} do not match its config ({'missing' if missing else 'unexpected'} {names}); "
+                              "the checkpoint is corrupt or from another version")
+    return model.eval()
+
+
+def write_atomically(output_dir, write) -> Path:
+    """Call `write(tmp_dir)`, then move its files into `output_dir` with config.json last."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-student-", dir=output_dir))
+    try:
+        write(tmp)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            target = output_dir / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def save_student(student, output_dir, tokenizer=None, summary: dict | None = None) -> Path:
+    """Write a folded student (and tokenizer, and a JSON summary) so that it appears all at once."""
+
+    def write(tmp: Path):
+        student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if summary is not None:
+            (tmp / "wid_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    return write_atomically(output_dir, write)
+
+
+def _tokenizer_or_none(path):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return None
+
+
+def export_checkpoint(checkpoint_dir, output_dir) -> dict:
+    """Fold a training checkpoint into a student in `output_dir`; returns what was measured."""
+    model = load_checkpoint(checkpoint_dir)
+    masked_norm = masked_entry_norm(model)
+    finalize(model)
+    student = fold(model)
+    difference = verify_fold(model, student)
+    report = {
+        "checkpoint": str(checkpoint_dir),
+        "student": str(output_dir),
+        "hidden_size": student.config.hidden_size,
+        "num_attention_heads": student.config.num_attention_heads,
+        "intermediate_size": student.config.intermediate_size,
+        "masked_entry_norm_before_fold": masked_norm,
+        "max_logit_difference_after_pruning": difference,
+    }
+    save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report)
+    return report
+
+
+def verify_student(checkpoint_dir, student_dir) -> dict:
+    """Compare a student with the checkpoint it came from: max logit difference, masked entries left."""
+    from transformers import AutoModelForMaskedLM
+
+    model = load_checkpoint(checkpoint_dir)
+    try:
+        student = AutoModelForMaskedLM.from_pretrained(student_dir).eval()
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the student in {student_dir} ({type(exc).__name__}); pass a folder written by wid distill or wid export") from None
+    masked_norm = masked_entry_norm(model)
+    as_trained = verify_fold(model, student)
+    finalize(model)
+    return {
+        "max_logit_difference": as_trained,
+        "max_logit_difference_after_pruning": verify_fold(model, student),
+        "masked_entry_norm": masked_norm,
+    }

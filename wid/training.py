@@ -1,0 +1,172 @@
+"""The WID distillation run on `transformers.Trainer` (WID_METHOD §5, §7).
+
+`MaskedLMTrainer` computes the masked-LM loss with the vocabulary projection run only at the
+masked positions (15% of tokens): a forward pre-hook on the MLM head selects them, so the call
+still goes through the (possibly DDP/FSDP-wrapped) model. `WIDTrainer` adds the WID optimizer
+and learning-rate schedule, and `WIDScheduleCallback` runs the mask updates every `w_step`
+steps, logs the kept widths and the norm of the masked entries, writes intermediate students
+(`save_widths`), and stops a run whose loss is not finite, naming the last good checkpoint.
+Mixed precision, gradient accumulation, many GPUs, logging and resuming come from the Trainer.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .compactors import wid_state
+from .masks import KeptWidths, apply_widths, current_widths, masked_entry_norm, update_masks, zero_masked_entries
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class MaskedPositionSelector:
+    """While `positions` is set, the MLM head only sees the hidden states at those positions."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.positions = None
+        head.register_forward_pre_hook(self._select)
+
+    def _select(self, module, args):
+        if self.positions is None:
+            return None
+        return (args[0][self.positions],) + tuple(args[1:])
+
+
+def unwrap(model):
+    """The model inside DDP/FSDP/compile wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class MaskedLMTrainer(Trainer):
+    """Trainer whose loss is the masked-LM cross-entropy computed at the masked positions only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.selector = MaskedPositionSelector(unwrap(self.model).cls)
+        self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; the Trainer scales for accumulation
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        positions = labels != -100
+        self.selector.positions = positions
+        try:
+            outputs = model(**inputs)
+        finally:
+            self.selector.positions = None
+        targets = labels[positions]
+        summed = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+        loss = summed / positions.sum().clamp_min(1)  # no sync; a batch without masked tokens gives 0
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir else None
+            where = f"resume from {last}" if last else "no checkpoint was saved yet; restart"
+            raise TrainingDivergedError(
+                f"the loss became {float(loss)} at step {self.state.global_step + 1}; {where} with a lower learning rate or fp32"
+            )
+        return loss
+
+
+class WIDTrainer(MaskedLMTrainer):
+    """MaskedLMTrainer with the WID optimizer (update rule, per-group learning rates, no bias correction)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending_logs: dict = {}
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from .optim import build_optimizer
+
+            self.optimizer = build_optimizer(unwrap(self.model))
+        return self.optimizer
+
+    def log(self, logs, *args, **kwargs):
+        logs.update(self.pending_logs)
+        self.pending_logs = {}
+        super().log(logs, *args, **kwargs)
+
+
+def width_logs(model) -> dict:
+    widths = current_widths(model)
+    return {
+        "wid/hidden": widths["hidden"],
+        "wid/attention_min": min(widths["attention"]),
+        "wid/intermediate_min": min(widths["intermediate"]),
+        "wid/mlm": widths["mlm"],
+        "wid/masked_norm": masked_entry_norm(model),
+        "wid/mask_updates": int(wid_state(model).mask_updates),
+    }
+
+
+def uniform_snapshot(model, widths: KeptWidths):
+    """A CPU copy of the model with masks forced to one uniform width and masked entries zeroed."""
+    snapshot = copy.deepcopy(unwrap(model)).to("cpu").float()
+    apply_widths(snapshot, widths)
+    zero_masked_entries(snapshot)
+    return snapshot
+
+
+class WIDScheduleCallback(TrainerCallback):
+    """Mask updates every `w_step` steps, their logs, and students at chosen widths along the way."""
+
+    def __init__(self, trainer: WIDTrainer, save_widths=(), on_width=None):
+        self.trainer = trainer
+        self.save_widths = sorted(set(save_widths), reverse=True)  # fractions of the teacher's hidden width
+        self.on_width = on_width  # callable(fraction, snapshot_model) that writes a student
+        self.saved: set = set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = unwrap(self.trainer.model)
+        config = wid_state(model).config
+        if state.global_step % config.w_step:
+            return control
+        update_masks(model)
+        self.trainer.pending_logs.update(width_logs(model))
+        control.should_log = True
+        self._maybe_save_widths(model)
+        return control
+
+    def _maybe_save_widths(self, model):
+        if not self.save_widths or self.on_width is None:
+            return
+        dims = wid_state(model).dims
+        widths = current_widths(model)
+        for fraction in self.save_widths:
+            if fraction in self.saved or widths["hidden"] > fraction * dims.hidden:
+                continue
+            self.saved.add(fraction)
+            uniform = KeptWidths(
+                hidden=widths["hidden"], attention=widths["hidden"], intermediate=min(widths["intermediate"]), mlm=widths["hidden"]
+            )
+            if self.trainer.is_world_process_zero():
+                self.on_width(fraction, uniform_snapshot(model, uniform))
+
+
+def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:
+    """A w_step that lets the schedule reach its target by 80% of `steps`, and a notice if it changed."""
+    updates = config.mask_updates_to_target(dims)
+    if updates == 0 or config.w_step * updates <= 0.8 * steps:
+        return config.w_step, None
+    fitted = max(1, math.floor(0.8 * steps / updates))
+    if fitted * updates > steps:
+        return fitted, (
+            f"max_steps={steps} is shorter than the schedule's {updates} mask updates: masks are updated every step "
+            f"and the remaining channels are cut at once at the end"
+        )
+    return fitted, (
+        f"w_step={config.w_step} × {updates} mask updates = {config.w_step * updates} steps does not fit in max_steps={steps}; "
+        f"using w_step={fitted} so the masks reach the target at step {fitted * updates}"
+    )

@@ -148,7 +148,7 @@ def test_torch_backend_folds_only_when_cheaper():
 
 
 def test_unknown_backend_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="choose one of: auto, reference, torch"):
+    with pytest.raises(ValueError, match="choose one of: auto, reference, torch, triton, cuda"):
         wid_kernels.set_backend("cudnn")
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+import wid_kernels
+
 from .compactors import WIDState, is_compactor_name, wid_state
-from .masks import MaskedParameter, broadcast_keep, masked_parameters
+from .masks import MaskedParameter, masked_parameters
 
 
 class WIDAdamW(torch.optim.Optimizer):
@@ -30,48 +32,40 @@ class WIDAdamW(torch.optim.Optimizer):
         object.__setattr__(self, "_wid", state)
         self._masked = {id(item.param): item for item in masked}
 
-    def _rule(self, p: torch.Tensor, grad: torch.Tensor):
-        """The update rule: returns (g, first-moment injection or None)."""
-        item = self._masked.get(id(p))
-        if item is None:
-            return grad, None
-        if not self._wid.masks_active:
-            return (grad + p, None) if item.is_compactor else (grad, None)
-        keep = broadcast_keep(self._wid.keep(item.group), p, item.dim).to(p.dtype)
-        drop = 1 - keep
-        g = keep * grad + drop * (min(self.penalty, 1.0) * p)
-        extra = drop * ((self.penalty - 1.0) * p) if self.penalty > 1 else None
-        return g, extra
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        active = self._wid.masks_active
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            lists = ([], [], [], [], [], [], [])
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("WIDAdamW does not support sparse gradients")
-                g, extra = self._rule(p, p.grad)
                 slot = self.state[p]
                 if not slot:
                     slot["step"] = 0
                     slot["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     slot["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 slot["step"] += 1
-                exp_avg, exp_avg_sq = slot["exp_avg"], slot["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
-                if extra is not None:
-                    exp_avg.add_(extra, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                if decay:
-                    p.mul_(1 - lr * decay)
-                p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+                item = self._masked.get(id(p))
+                for target, value in zip(lists, (
+                    p, p.grad, slot["exp_avg"], slot["exp_avg_sq"],
+                    None if item is None else self._wid.keep(item.group),
+                    0 if item is None else item.dim,
+                    item is not None and item.is_compactor,
+                )):
+                    target.append(value)
+            if lists[0]:
+                wid_kernels.wid_adamw_multi_tensor(
+                    *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], penalty=self.penalty, masks_active=active,
+                )
         return loss
 
 

@@ -3,6 +3,7 @@
     y = compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None)   # x (Q W L)ᵀ + Q b
     W_eff, b_eff = fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None)
     y = masked_layer_norm(x, residual, gamma, beta, keep, eps)
+    wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr=..., ...)
 
 Backends: `reference` (the unfused, UER-style baseline), `torch` (fold-first with torch matmuls),
 and compiled/Triton backends when they are installed. Select with `set_backend(name)` or the
@@ -21,6 +22,7 @@ __all__ = [
     "compacted_linear",
     "fold",
     "masked_layer_norm",
+    "wid_adamw_multi_tensor",
     "set_backend",
     "get_backend",
     "available_backends",
@@ -31,9 +33,11 @@ __all__ = [
 BACKENDS = {
     "reference": "wid_kernels.reference",
     "torch": "wid_kernels.backends.torch_matmul",
+    "triton": "wid_kernels.backends.triton_ops",
+    "cuda": "wid_kernels.backends.cuda_ext",
 }
-_AUTO_ORDER = ("torch", "reference")
-_OPS = ("compacted_linear", "fold", "masked_layer_norm")
+# A backend module raises ImportError (with the reason) when it cannot run here, e.g. no GPU.
+_AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 
 _loaded: dict = {}
 _unavailable: dict = {}
@@ -48,8 +52,7 @@ def _load(name: str):
     try:
         module = importlib.import_module(BACKENDS[name])
     except Exception as exc:  # a broken optional backend must never break import
-        _unavailable[name] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"wid_kernels: backend '{name}' unavailable ({_unavailable[name]}); falling back", stacklevel=3)
+        _unavailable[name] = f"{type(exc).__name__}: {exc}".strip()
         return None
     _loaded[name] = module
     return module
@@ -74,8 +77,8 @@ def _resolve(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown WID backend '{name}'; choose one of: auto, {', '.join(BACKENDS)}")
     if _load(name) is None:
-        warnings.warn(f"wid_kernels: backend '{name}' is unavailable, using 'reference'", stacklevel=3)
-        return "reference"
+        warnings.warn(f"wid_kernels: backend '{name}' is unavailable ({_unavailable[name]}); using 'torch'", stacklevel=3)
+        return "torch"
     return name
 
 
@@ -115,3 +118,13 @@ def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
 def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     """LayerNorm(x + residual) with statistics over the channels where `keep` is True."""
     return _op("masked_layer_norm")(x, residual, gamma, beta, keep, eps)
+
+
+def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, *, lr, beta1, beta2,
+                           eps, weight_decay, penalty, masks_active):
+    """In-place WID-AdamW step over lists of tensors (update rule + AdamW without bias correction).
+
+    keeps[i] is None (unmasked) or a 1-D bool mask along axis keep_axes[i] of params[i].
+    """
+    return _op("wid_adamw_multi_tensor")(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1,
+                                        beta2, eps, weight_decay, penalty, masks_active)

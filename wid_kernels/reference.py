@@ -65,3 +65,49 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     if beta is not None:
         y = y + beta.float()
     return y.to(h.dtype)
+
+
+def keep_broadcast(keep, keep_axis, param):
+    """A 1-D keep-mask over axis `keep_axis` of `param` (0: rows, 1: columns), shaped to broadcast."""
+    if param.dim() == 1:
+        return keep
+    return keep[:, None] if keep_axis == 0 else keep[None, :]
+
+
+@torch.no_grad()
+def wid_adamw_step(param, grad, exp_avg, exp_avg_sq, keep, keep_axis, lr, beta1, beta2, eps, weight_decay, penalty,
+                   masks_active, is_compactor):
+    """One in-place WID-AdamW step of one tensor (WID_METHOD §5).
+
+    `keep` is None for a parameter the rule does not mask, else a 1-D bool mask along `keep_axis`.
+    Before the first mask (`masks_active` False) compactors get g = ∇L + p. Afterwards
+    g = m⊙∇L + (1−m)⊙min(λ,1)·p and, for λ > 1, (1−β1)(1−m)⊙(λ−1)·p is added to the first moment.
+    Then AdamW without bias correction, decay first: p ← p(1 − lr·wd) − lr·m/(√v + eps).
+    """
+    g = grad
+    extra = None
+    if keep is not None:
+        if not masks_active:
+            if is_compactor:
+                g = grad + param
+        else:
+            k = keep_broadcast(keep, keep_axis, param).to(param.dtype)
+            drop = 1 - k
+            g = k * grad + drop * (min(penalty, 1.0) * param)
+            if penalty > 1:
+                extra = drop * ((penalty - 1.0) * param)
+    exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+    if extra is not None:
+        exp_avg.add_(extra, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if weight_decay:
+        param.mul_(1 - lr * weight_decay)
+    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+
+
+def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
+                           weight_decay, penalty, masks_active):
+    """The step over a list of tensors (one param group). Fused backends do this in one pass."""
+    for i in range(len(params)):
+        wid_adamw_step(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], keeps[i], keep_axes[i], lr, beta1, beta2, eps,
+                       weight_decay, penalty, masks_active, is_compactor[i])

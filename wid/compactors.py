@@ -91,9 +91,13 @@ class WIDState(nn.Module):
         self.mask_updates += 1
         self._masks_active = True
 
+    def refresh(self) -> None:
+        """Re-read the host mirror from the buffer, after anything that may have loaded weights."""
+        self._masks_active = bool(self.mask_updates.item() > 0)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._masks_active = bool(self.mask_updates.item() > 0)
+        self.refresh()
 
 
 class _UsesState(nn.Module):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel, TrainingArguments
+from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel, TrainingArguments, default_data_collator
 
 import wid_kernels
 
@@ -47,6 +47,11 @@ class DistillArguments:
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
     w_step: int | None = field(default=None, metadata={"help": "steps between mask updates (default 500, fitted to max_steps)"})
     penalty: float = field(default=20.0, metadata={"help": "λ of the update rule"})
+    hidden_updates: int = field(default=8, metadata={"help": "mask updates until H reaches its target (dim)"})
+    attention_updates: int = field(default=8, metadata={"help": "mask updates until each A_l reaches its target (dim)"})
+    intermediate_updates: int = field(default=16, metadata={"help": "mask updates until each F_l reaches its target"})
+    mlm_updates: int = field(default=16, metadata={"help": "mask updates until M reaches its target"})
+    updates_per_head: int = field(default=2, metadata={"help": "head strategy: mask updates per removed head"})
     teacher_lr: float = field(default=1e-6, metadata={"help": "learning rate of the inherited teacher weights"})
     compactor_lr: float = field(default=5e-5, metadata={"help": "learning rate of the compactors"})
     backend: str = field(default="auto", metadata={"help": "kernel backend: auto | reference | torch | triton | cuda"})
@@ -61,14 +66,20 @@ class RunError(ValueError):
     """Bad input to a run: one line that names the fix."""
 
 
-def load_teacher(name_or_path: str):
-    """(model, tokenizer, has_mlm_head): a BertForMaskedLM, with a fresh head if the checkpoint had none."""
+def teacher_config(name_or_path: str):
+    """The teacher's config, checked for WID support (no weights loaded: bad input fails fast)."""
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except Exception as exc:
         raise RunError(f"cannot load the teacher '{name_or_path}' ({type(exc).__name__}); pass a local model directory "
                        "(config.json + weights) or a hub name while online") from None
     check_supported_config(config)
+    return config
+
+
+def load_teacher(name_or_path: str):
+    """(model, tokenizer, has_mlm_head): a BertForMaskedLM, with a fresh head if the checkpoint had none."""
+    teacher_config(name_or_path)
     model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
     has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
     if not has_head:
@@ -99,6 +110,11 @@ def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: s
         criterion=args.criterion,
         w_step=args.w_step or 500,
         penalty=args.penalty,
+        hidden_updates=args.hidden_updates,
+        attention_updates=args.attention_updates,
+        intermediate_updates=args.intermediate_updates,
+        mlm_updates=args.mlm_updates,
+        updates_per_head=args.updates_per_head,
         teacher_lr=args.teacher_lr,
         compactor_lr=args.compactor_lr,
     ).for_teacher(dims)
@@ -119,7 +135,7 @@ def _last_loss(trainer) -> float | None:
     return float(losses[-1]) if losses else None
 
 
-def warm_up_head(model, dataset, collator, args: TrainingArguments, steps: int, lr: float, output_dir: Path):
+def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int, lr: float, output_dir: Path):
     """Train only the MLM head (transform + decoder bias; encoder and tied decoder frozen)."""
     done = output_dir / "head-warmup"
     if (done / "config.json").exists():
@@ -132,8 +148,10 @@ def warm_up_head(model, dataset, collator, args: TrainingArguments, steps: int, 
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
     warm_args = _trainer_args(args, output_dir=str(done) + ".run", max_steps=steps, learning_rate=lr, save_strategy="no",
-                              warmup_ratio=0.0, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0)
-    trainer = MaskedLMTrainer(model=model, args=warm_args, train_dataset=dataset, data_collator=collator)
+                              remove_unused_columns=False, resume_from_checkpoint=None,
+                              warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0)
+    trainer = MaskedLMTrainer(model=model, args=warm_args, train_dataset=dataset, data_collator=default_data_collator,
+                              processing_class=tokenizer)
     trainer.train()
     for param in model.parameters():
         param.requires_grad_(True)
@@ -167,7 +185,7 @@ def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: in
 
 def run_distillation(args: DistillArguments, training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole run; returns the summary (also written to output_dir/wid_summary.json)."""
-    from .data import build_mlm_dataset, mlm_collator
+    from .data import build_mlm_dataset, mlm_collator, resolve_corpus
     from .teachers import default_teacher_path
 
     started = time.time()
@@ -177,21 +195,26 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     backend = wid_kernels.set_backend(args.backend)
 
     teacher_name = args.teacher or default_teacher_path()
-    model, tokenizer, has_head = load_teacher(teacher_name)
-    dims = TeacherDims.from_config(model.config)
+    dims = TeacherDims.from_config(teacher_config(teacher_name))
     config = wid_config_from(args, dims)
+    resolve_corpus(args.corpus)
+    model, tokenizer, has_head = load_teacher(teacher_name)
     teacher_params = _encoder_parameters(model)
 
     dataset = build_mlm_dataset(tokenizer, args.corpus, seq_len=args.max_seq_length)
     heldout = build_mlm_dataset(tokenizer, None, seq_len=args.max_seq_length, heldout=True) if args.corpus is None else None
     collator = mlm_collator(tokenizer)
+    if training_args.max_steps <= 0:  # epochs given: WID's schedule is in steps, so convert
+        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+        steps = math.ceil(len(dataset) / per_step) * training_args.num_train_epochs
+        training_args = _trainer_args(training_args, max_steps=max(1, int(steps)))
     checkpoints = output_dir / "checkpoints"
     notices = []
 
     warmup_steps = args.head_warmup_steps if args.head_warmup_steps is not None else (0 if has_head else max(10, training_args.max_steps // 5))
     warmup_loss = None
     if warmup_steps > 0:
-        warmup_loss = warm_up_head(model, dataset, collator, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
+        warmup_loss = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
     teacher_heldout = heldout_loss(model, heldout, collator)
 
     w_step, notice = fit_w_step(config, dims, training_args.max_steps)
@@ -200,9 +223,10 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         print(f"[wid] {notice}")
     config = dataclasses.replace(config, w_step=w_step)
     model = attach(model, config)
-    wid_args = _trainer_args(training_args, output_dir=str(checkpoints), warmup_ratio=config.warmup_ratio,
+    wid_args = _trainer_args(training_args, output_dir=str(checkpoints), warmup_steps=config.warmup_ratio,
                              lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
-    trainer = WIDTrainer(model=model, args=wid_args, train_dataset=dataset, data_collator=collator)
+    trainer = WIDTrainer(model=model, args=wid_args, train_dataset=dataset, data_collator=default_data_collator,
+                         processing_class=tokenizer)
     student_dirs = {}
 
     def write_width(fraction, snapshot):

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .compactors import wid_state
+from .data import mask_tokens
 from .masks import KeptWidths, apply_widths, current_widths, masked_entry_norm, update_masks, zero_masked_entries
 
 
@@ -56,6 +57,12 @@ class MaskedLMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        special_tokens_mask = inputs.pop("special_tokens_mask", None)
+        if "labels" not in inputs:  # dynamic masking here, after the Trainer has restored RNG state
+            tokenizer = self.processing_class
+            inputs["input_ids"], inputs["labels"] = mask_tokens(
+                inputs["input_ids"], special_tokens_mask, tokenizer.mask_token_id, len(tokenizer)
+            )
         labels = inputs.pop("labels")
         positions = labels != -100
         self.selector.positions = positions
@@ -127,6 +134,11 @@ class WIDScheduleCallback(TrainerCallback):
         self.save_widths = sorted(set(save_widths), reverse=True)  # fractions of the teacher's hidden width
         self.on_width = on_width  # callable(fraction, snapshot_model) that writes a student
         self.saved: set = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run has just loaded its checkpoint, possibly without going through load_state_dict
+        wid_state(unwrap(self.trainer.model)).refresh()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         model = unwrap(self.trainer.model)

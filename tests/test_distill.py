@@ -1,0 +1,202 @@
+"""The distillation run end to end on a tiny teacher: CLI, student, errors, resume, NaN, widths."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+
+from wid.cli import main
+from wid.distill import DistillArguments, run_distillation
+from wid.training import TrainingDivergedError
+
+from distill_fixtures import distill_argv, write_corpus, write_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    return dict(
+        teacher=write_teacher(base / "teacher"),
+        encoder=write_teacher(base / "encoder", with_head=False),
+        corpus=write_corpus(base / "corpus.txt"),
+    )
+
+
+def _parse(argv):
+    return HfArgumentParser((DistillArguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
+
+
+LOAD_STUDENT = """
+import sys, torch
+from transformers import AutoModelForMaskedLM, AutoModel
+mlm = AutoModelForMaskedLM.from_pretrained(sys.argv[1])
+enc = AutoModel.from_pretrained(sys.argv[1])
+assert "wid" not in sys.modules
+print(mlm.config.hidden_size, mlm.config.intermediate_size, type(enc).__name__)
+"""
+
+
+def test_distill_cli_writes_a_student_that_loads_without_wid(files, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 0
+    printed = capsys.readouterr().out
+    assert "WID distillation finished" in printed and "hidden 12 → 6" in printed
+    summary = json.loads((out / "wid_summary.json").read_text())
+    assert summary["student_widths"]["hidden"] == 6 and summary["student_widths"]["intermediate"] == 9
+    assert summary["max_logit_difference_fold"] <= 1e-4
+    assert summary["steps"] == 12 and summary["final_mlm_loss"] is not None
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", LOAD_STUDENT, str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["6", "9", "BertModel"]
+
+
+def test_a_teacher_without_mlm_head_is_warmed_up_first(files, tmp_path):
+    args, targs = _parse(distill_argv(files["encoder"], files["corpus"], tmp_path / "s", "--head_warmup_steps", "4"))
+    summary = run_distillation(args, targs)
+    assert summary["head_warmup_steps"] == 4 and summary["head_warmup_final_loss"] is not None
+    assert (tmp_path / "s" / "checkpoints" / "head-warmup" / "config.json").exists()
+
+
+def test_non_empty_output_dir_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--overwrite_output_dir" in error and "\n" not in error
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"--corpus": "missing.txt"}, "missing.txt"),
+    ({"--teacher": "no/such/teacher"}, "cannot load the teacher"),
+    ({"--target_hidden": "7"}, "use a multiple of 3"),
+])
+def test_bad_input_gives_one_line_errors(files, tmp_path, capsys, change, fragment):
+    argv = distill_argv(files["teacher"], files["corpus"], tmp_path / "o")
+    for flag, value in change.items():
+        argv[argv.index(flag) + 1] = str(tmp_path / value) if value == "missing.txt" else value
+    assert main(["distill", *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert fragment in error and len(error.splitlines()) == 1
+
+
+def test_a_non_bert_teacher_is_refused(files, tmp_path, capsys):
+    teacher = tmp_path / "roberta"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "roberta", "hidden_size": 12, "num_attention_heads": 3,
+                                                     "num_hidden_layers": 1, "intermediate_size": 20, "vocab_size": 50}))
+    assert main(["distill", *distill_argv(teacher, files["corpus"], tmp_path / "o")]) == 2
+    assert "model_type 'bert'" in capsys.readouterr().err
+
+
+def test_export_and_verify_a_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 0
+    checkpoint = out / "checkpoints" / "checkpoint-12"
+    assert main(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(checkpoint), str(tmp_path / "exported")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_logit_difference_after_pruning"] <= 1e-4
+    assert report["masked_entry_norm"] >= 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    for name, tensor in written.items():
+        torch.testing.assert_close(exported[name], tensor)
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
+    broken = tmp_path / "checkpoint-3"
+    broken.mkdir()
+    assert main(["export", str(broken), str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    (broken / "config.json").write_text(json.dumps({"model_type": "bert", "wid": {"target_hidden": 6}}))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["export", str(broken), str(tmp_path / "x")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _state(checkpoint):
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_a_resumed_run_continues_as_if_it_had_not_stopped(files, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], full)))
+    run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], split)), callbacks=[StopAt(6)])
+    assert not (split / "checkpoints" / "checkpoint-9").exists()
+    resumed = distill_argv(files["teacher"], files["corpus"], split, "--resume_from_checkpoint", str(split / "checkpoints" / "checkpoint-6"))
+    run_distillation(*_parse(resumed))
+    a, b = _state(full / "checkpoints" / "checkpoint-12"), _state(split / "checkpoints" / "checkpoint-12")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.startswith("wid_state."):
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class PoisonAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.bert.encoder.layer[0].intermediate.dense.weight.fill_(float("nan"))
+        return control
+
+
+def test_a_nan_loss_stops_the_run_naming_the_last_checkpoint(files, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDivergedError, match="checkpoint-3") as error:
+        run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], out)), callbacks=[PoisonAt(4)])
+    assert "\n" not in str(error.value)
+    assert not (out / "config.json").exists()  # no student written
+
+
+def test_save_widths_writes_students_along_the_way(files, tmp_path):
+    out = tmp_path / "widths"
+    summary = run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], out, "--save_widths", "0.75", "0.5")))
+    assert set(summary["intermediate_students"]) == {0.75, 0.5}
+    from transformers import AutoModelForMaskedLM
+
+    student = AutoModelForMaskedLM.from_pretrained(summary["intermediate_students"][0.75])
+    assert student.config.hidden_size <= 9
+
+
+DDP_WORKER = ROOT / "tests" / "ddp_worker.py"
+
+
+def test_two_ranks_hold_identical_masks_and_weights(files, tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(DDP_WORKER),
+               str(files["teacher"]), str(files["corpus"]), str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["mask_updates"] > 0
+    for name in ranks[0]["state"]:
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name

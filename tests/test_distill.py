@@ -200,3 +200,16 @@ def test_two_ranks_hold_identical_masks_and_weights(files, tmp_path):
     assert ranks[0]["mask_updates"] > 0
     for name in ranks[0]["state"]:
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+
+
+def test_info_reports_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "transformers" in out
+    assert "reference  available" in out and "torch      available" in out
+    assert "triton" in out and "cuda" in out
+
+
+def test_unknown_command_prints_usage(capsys):
+    assert main(["distil"]) == 2
+    assert "usage: wid" in capsys.readouterr().err

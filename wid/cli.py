@@ -40,6 +40,9 @@ def distill(argv) -> int:
             args.w_step = DEFAULT_RUN["w_step"]
         if args.head_warmup_steps is None:
             args.head_warmup_steps = DEFAULT_RUN["head_warmup_steps"]
+        for name in ("compactor_lr", "teacher_lr"):
+            if not _given(argv, name):
+                setattr(args, name, DEFAULT_RUN[name])
     if not _given(argv, "report_to"):
         defaults["report_to"] = "none"
     if not _given(argv, "save_steps") and not _given(argv, "save_strategy"):

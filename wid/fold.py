@@ -18,7 +18,7 @@ from transformers import BertForMaskedLM
 
 import wid_kernels
 
-from .compactors import HIDDEN, MLM, attention_group, intermediate_group, wid_state
+from .compactors import wid_state
 
 
 class FoldError(ValueError):

@@ -54,6 +54,10 @@ class MaskedLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.selector = MaskedPositionSelector(unwrap(self.model).cls)
         self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; the Trainer scales for accumulation
+        if self.args.device.type == "cpu":
+            # Adam's second moments of rarely-hit rows (embeddings, masked compactor entries) sink into
+            # denormal floats, which x86 CPUs compute ~50x slower: measured 11 s vs 0.2 s per MiniLM step.
+            torch.set_flush_denormal(True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -57,6 +57,10 @@ def perturb(model, scale=0.1, seed=3):
         param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is visible)")
+
+
 @pytest.fixture
 def teacher():
     return make_teacher()

@@ -158,3 +158,11 @@ def test_environment_variable_selects_the_backend():
     env = dict(os.environ, WID_BACKEND="reference", PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
+
+
+def test_auto_never_picks_an_interpreted_triton():
+    code = "import wid_kernels, torch; print(wid_kernels.get_backend(), torch.cuda.is_available())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, WID_BACKEND="auto", TRITON_INTERPRET="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] != "triton" or out[1] == "True"

@@ -67,10 +67,18 @@ def available_backends() -> dict:
     return status
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _resolve(name: str) -> str:
     name = (name or "auto").strip().lower()
     if name == "auto":
         for candidate in _AUTO_ORDER:
+            if candidate == "triton" and not _has_gpu():
+                continue  # Triton on the CPU means the interpreter: correct, but far too slow to train with
             if _load(candidate) is not None:
                 return candidate
         return "reference"

@@ -29,8 +29,8 @@ from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_st
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU in < 15 minutes.
 # Its budget is ~1/2000 of the paper's, so the compactor learning rate is raised to let the penalty
 # drive masked entries to ~0 within the run (see README, "The built-in default run").
-DEFAULT_RUN = dict(preset="half", max_steps=200, head_warmup_steps=100, per_device_train_batch_size=16, w_step=8,
-                   logging_steps=8, compactor_lr=2e-3, teacher_lr=1e-5)
+DEFAULT_RUN = dict(preset="half", max_steps=160, head_warmup_steps=80, per_device_train_batch_size=16, w_step=6,
+                   logging_steps=6, compactor_lr=2e-3, teacher_lr=1e-5)
 
 
 @dataclass

@@ -55,28 +55,26 @@ def distill(argv) -> int:
     return 0
 
 
+def _checkpoint_command(argv, prog: str, description: str, second: str, action) -> int:
+    """`wid export` / `wid verify`: two folders in, a JSON report out."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument(second)
+    args = parser.parse_args(argv)
+    print(json.dumps(action(args.checkpoint_dir, getattr(args, second)), indent=2))
+    return 0
+
+
 def export(argv) -> int:
     from .export import export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="wid export", description="fold a wid distill checkpoint into a plain student")
-    parser.add_argument("checkpoint_dir")
-    parser.add_argument("output_dir")
-    args = parser.parse_args(argv)
-    report = export_checkpoint(args.checkpoint_dir, args.output_dir)
-    print(json.dumps(report, indent=2))
-    return 0
+    return _checkpoint_command(argv, "wid export", "fold a wid distill checkpoint into a plain student", "output_dir", export_checkpoint)
 
 
 def verify(argv) -> int:
     from .export import verify_student
 
-    parser = argparse.ArgumentParser(prog="wid verify", description="re-check a student against its checkpoint")
-    parser.add_argument("checkpoint_dir")
-    parser.add_argument("student_dir")
-    args = parser.parse_args(argv)
-    report = verify_student(args.checkpoint_dir, args.student_dir)
-    print(json.dumps(report, indent=2))
-    return 0
+    return _checkpoint_command(argv, "wid verify", "re-check a student against its checkpoint", "student_dir", verify_student)
 
 
 def info(argv) -> int:

@@ -21,9 +21,9 @@ import wid_kernels
 from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
 from .compactors import attach
 from .config import WIDConfig
-from .export import save_student, write_atomically
-from .fold import fold, verify_fold
-from .masks import at_target, finalize, masked_entry_norm
+from .export import fold_trained, save_student, write_atomically
+from .fold import fold
+from .masks import at_target
 from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU in < 15 minutes.
@@ -242,13 +242,9 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
 
     model = trainer.model
     model.to("cpu").float()
-    reached = at_target(model)
-    masked_norm = masked_entry_norm(model)
-    if not reached:
+    if not at_target(model):
         notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
-    finalize(model)
-    student = fold(model)
-    difference = verify_fold(model, student)
+    student, masked_norm, difference = fold_trained(model)
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),

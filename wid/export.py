@@ -104,13 +104,21 @@ def _tokenizer_or_none(path):
         return None
 
 
-def export_checkpoint(checkpoint_dir, output_dir) -> dict:
-    """Fold a training checkpoint into a student in `output_dir`; returns what was measured."""
-    model = load_checkpoint(checkpoint_dir)
+def fold_trained(model):
+    """(student, masked-entry norm before the cut, max logit difference after it) for a trained model.
+
+    Keeps the trained masks if they are at the target (else prunes to it), zeroes the masked
+    entries, folds, and checks the student against the compactor model.
+    """
     masked_norm = masked_entry_norm(model)
     finalize(model)
     student = fold(model)
-    difference = verify_fold(model, student)
+    return student, masked_norm, verify_fold(model, student)
+
+
+def export_checkpoint(checkpoint_dir, output_dir) -> dict:
+    """Fold a training checkpoint into a student in `output_dir`; returns what was measured."""
+    student, masked_norm, difference = fold_trained(load_checkpoint(checkpoint_dir))
     report = {
         "checkpoint": str(checkpoint_dir),
         "student": str(output_dir),

@@ -24,6 +24,7 @@ class DumpState(TrainerCallback):
 
 if __name__ == "__main__":
     teacher, corpus, out = sys.argv[1:4]
-    argv = distill_argv(teacher, corpus, Path(out) / "run", "--ddp_backend", "gloo", "--use_cpu", "true")
+    argv = distill_argv(teacher, corpus, Path(out) / "run", "--ddp_backend", "gloo", "--use_cpu", "true",
+                        "--head_warmup_steps", "3", "--ddp_find_unused_parameters", "false")
     args, training_args = HfArgumentParser((DistillArguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
     run_distillation(args, training_args, callbacks=[DumpState(Path(out))])

@@ -224,6 +224,8 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         print(f"[wid] {notice}")
     config = dataclasses.replace(config, w_step=w_step)
     model = attach(model, config)
+    if getattr(model.bert, "pooler", None) is not None:
+        model.bert.pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
     wid_args = _trainer_args(training_args, output_dir=str(checkpoints), warmup_steps=config.warmup_ratio,
                              lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
     trainer = WIDTrainer(model=model, args=wid_args, train_dataset=dataset, data_collator=default_data_collator,

@@ -8,7 +8,7 @@
 Backends: `reference` (the unfused, UER-style baseline), `torch` (fold-first with torch matmuls),
 and compiled/Triton backends when they are installed. Select with `set_backend(name)` or the
 environment variable `WID_BACKEND`; `auto` (the default) picks the fastest available one.
-An op a backend does not implement falls back to the reference.
+An op a backend does not implement falls back to the `torch` backend's, then to the reference.
 """
 from __future__ import annotations
 
@@ -104,8 +104,12 @@ def get_backend() -> str:
 
 
 def _op(op_name: str):
-    module = _loaded.get(get_backend()) or reference
-    return getattr(module, op_name, None) or getattr(reference, op_name)
+    """The active backend's op; else the fold-first `torch` backend's; else the reference."""
+    for module in (_loaded.get(get_backend()), _loaded.get("torch") or _load("torch"), reference):
+        fn = getattr(module, op_name, None) if module is not None else None
+        if fn is not None:
+            return fn
+    raise AttributeError(op_name)
 
 
 def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):

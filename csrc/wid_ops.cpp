@@ -11,6 +11,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include "wid_ops.h"
 
@@ -360,8 +364,31 @@ TORCH_LIBRARY_IMPL(wid_kernels, CPU, m) {
   m.impl("wid_adamw_step", &wid::adamw_cpu);
 }
 
+namespace wid {
+// Flush-to-zero and denormals-are-zero in every intra-op CPU thread. torch.set_flush_denormal only
+// sets the calling thread, and worker threads copy the flag only when they are created, so a pool
+// started earlier keeps computing Adam's tiny second moments as (very slow) denormals.
+// Returns how many threads were set (0 where the CPU has no such mode).
+int64_t flush_denormals_all_threads() {
+#if defined(__x86_64__) || defined(_M_X64)
+  const int64_t threads = at::get_num_threads();
+  std::vector<int> done(threads, 0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    _mm_setcsr(_mm_getcsr() | 0x8040);  // FTZ (bit 15) | DAZ (bit 6)
+    for (int64_t i = begin; i < end; ++i) done[i] = 1;
+  });
+  _mm_setcsr(_mm_getcsr() | 0x8040);
+  return std::count(done.begin(), done.end(), 1);
+#else
+  return 0;
+#endif
+}
+}  // namespace wid
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "wid_kernels compiled ops (registered under torch.ops.wid_kernels)";
+  module.def("flush_denormals_all_threads", &wid::flush_denormals_all_threads,
+             "set flush-to-zero / denormals-are-zero in every intra-op CPU thread");
 #ifdef WID_WITH_CUDA
   module.attr("cuda_built") = true;
 #else

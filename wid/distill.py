@@ -24,7 +24,7 @@ from .config import WIDConfig
 from .export import fold_trained, save_student, write_atomically
 from .fold import fold
 from .masks import at_target
-from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step
+from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU in < 15 minutes.
 # Its budget is ~1/2000 of the paper's, so the compactor learning rate is raised to let the penalty
@@ -190,6 +190,8 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     from .teachers import default_teacher_path
 
     started = time.time()
+    if not torch.cuda.is_available() or training_args.use_cpu:
+        flush_denormals()  # before any torch work spawns the CPU thread pool
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     check_output_dir(str(output_dir), args.overwrite_output_dir, bool(resume))

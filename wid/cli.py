@@ -31,7 +31,7 @@ def distill(argv) -> int:
     if not _given(argv, "output_dir"):
         defaults["output_dir"] = "wid-student"
     if args.teacher is None and args.corpus is None and not _given(argv, "max_steps"):
-        for name in ("max_steps", "per_device_train_batch_size", "logging_steps"):
+        for name in ("max_steps", "per_device_train_batch_size", "logging_steps", "learning_rate"):
             if not _given(argv, name):
                 defaults[name] = DEFAULT_RUN[name]
         if args.preset is None and args.target_hidden is None:

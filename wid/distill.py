@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel, 
 import wid_kernels
 
 from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
+from .baselines import METHODS, train_baseline
 from .compactors import attach
 from .config import WIDConfig
 from .export import fold_trained, save_student, write_atomically
@@ -30,7 +31,7 @@ from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_st
 # Its budget is ~1/2000 of the paper's, so the compactor learning rate is raised to let the penalty
 # drive masked entries to ~0 within the run (see README, "The built-in default run").
 DEFAULT_RUN = dict(preset="half", max_steps=160, head_warmup_steps=80, per_device_train_batch_size=16, w_step=6,
-                   logging_steps=6, compactor_lr=2e-3, teacher_lr=1e-5)
+                   logging_steps=6, compactor_lr=2e-3, teacher_lr=1e-5, learning_rate=1e-4)
 
 
 @dataclass
@@ -61,6 +62,10 @@ class DistillArguments:
     save_widths: list[float] | None = field(default=None, metadata={"help": "also write students when the hidden width passes these fractions, e.g. 0.75 0.5"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per training sequence"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow writing into a non-empty output_dir"})
+    method: str = field(default="wid", metadata={"help": "wid | kd | mlm | prune: WID, or a baseline of the same shape and "
+                                                         "budget (see wid/baselines.py; baselines train with --learning_rate)"})
+    kd_temperature: float = field(default=2.0, metadata={"help": "method kd: softmax temperature of the teacher-logit loss"})
+    kd_alpha: float = field(default=0.5, metadata={"help": "method kd: weight of the teacher-logit loss (1 - alpha: MLM loss)"})
 
 
 class RunError(ValueError):
@@ -195,6 +200,10 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     check_output_dir(str(output_dir), args.overwrite_output_dir, bool(resume))
+    if args.method not in METHODS:
+        raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")
+    if args.save_widths and args.method != "wid":
+        raise RunError("--save_widths needs --method wid (the baselines start at the student's widths)")
     backend = wid_kernels.set_backend(args.backend)
 
     teacher_name = args.teacher or default_teacher_path()
@@ -220,6 +229,49 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         warmup_loss = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
     teacher_heldout = heldout_loss(model, heldout, collator)
 
+    if args.method == "wid":
+        trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks)
+    else:
+        trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks)
+    student, trainer = trained["student"], trained["trainer"]
+    summary = {
+        "teacher": str(teacher_name),
+        "student_dir": str(output_dir),
+        "checkpoints_dir": str(checkpoints),
+        "backend": backend,
+        "teacher_encoder_parameters": teacher_params,
+        "student_encoder_parameters": sum(p.numel() for n, p in student.named_parameters() if n.startswith("bert.")),
+        "teacher_widths": {"hidden": dims.hidden, "heads": dims.heads, "intermediate": dims.intermediate, "layers": dims.layers},
+        "student_widths": {"hidden": student.config.hidden_size, "heads": student.config.num_attention_heads,
+                           "intermediate": student.config.intermediate_size, "layers": student.config.num_hidden_layers},
+        "method": args.method,
+        "wid_config": config.to_dict(),
+        "steps": trainer.state.global_step if trainer is not None else 0,
+        "head_warmup_steps": warmup_steps,
+        "head_warmup_final_loss": warmup_loss,
+        "final_mlm_loss": _last_loss(trainer) if trainer is not None else None,
+        "teacher_heldout_mlm_loss": teacher_heldout,
+        "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
+        "schedule_reached_target_at_step": trained.get("target_step"),
+        "masked_entry_norm_before_fold": trained.get("masked_norm"),
+        "max_logit_difference_fold": trained.get("difference"),
+        "intermediate_students": trained.get("student_dirs", {}),
+        "notices": notices,
+        "seconds": round(time.time() - started, 1),
+    }
+    if trainer is None or trainer.is_world_process_zero():
+        save_student(student, output_dir, tokenizer, summary)
+    return summary
+
+
+def _main_phase_args(training_args, config: WIDConfig, output_dir: Path) -> TrainingArguments:
+    """The Trainer settings of the main phase, the same for WID and the baselines (a fair budget)."""
+    return _trainer_args(training_args, output_dir=str(output_dir / "checkpoints"), warmup_steps=config.warmup_ratio,
+                         lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
+
+
+def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks) -> dict:
+    """Attach compactors, train with the WID schedule, fold: the method itself."""
     w_step, notice = fit_w_step(config, dims, training_args.max_steps)
     if notice:
         notices.append(notice)
@@ -228,9 +280,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     model = attach(model, config)
     if getattr(model.bert, "pooler", None) is not None:
         model.bert.pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
-    wid_args = _trainer_args(training_args, output_dir=str(checkpoints), warmup_steps=config.warmup_ratio,
-                             lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
-    trainer = WIDTrainer(model=model, args=wid_args, train_dataset=dataset, data_collator=default_data_collator,
+    trainer = WIDTrainer(model=model, args=_main_phase_args(training_args, config, output_dir), train_dataset=dataset, data_collator=default_data_collator,
                          processing_class=tokenizer)
     student_dirs = {}
 
@@ -242,57 +292,49 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     trainer.add_callback(WIDScheduleCallback(trainer, args.save_widths or (), write_width))
     for callback in callbacks:
         trainer.add_callback(callback)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     model = trainer.model
     model.to("cpu").float()
     if not at_target(model):
         notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
     student, masked_norm, difference = fold_trained(model)
-    summary = {
-        "teacher": str(teacher_name),
-        "student_dir": str(output_dir),
-        "checkpoints_dir": str(checkpoints),
-        "backend": backend,
-        "teacher_encoder_parameters": teacher_params,
-        "student_encoder_parameters": sum(p.numel() for n, p in student.named_parameters() if n.startswith("bert.")),
-        "teacher_widths": {"hidden": dims.hidden, "heads": dims.heads, "intermediate": dims.intermediate, "layers": dims.layers},
-        "student_widths": {"hidden": student.config.hidden_size, "heads": student.config.num_attention_heads,
-                           "intermediate": student.config.intermediate_size, "layers": student.config.num_hidden_layers},
-        "wid_config": config.to_dict(),
-        "steps": trainer.state.global_step,
-        "head_warmup_steps": warmup_steps,
-        "head_warmup_final_loss": warmup_loss,
-        "final_mlm_loss": _last_loss(trainer),
-        "teacher_heldout_mlm_loss": teacher_heldout,
-        "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
-        "schedule_reached_target_at_step": config.steps_to_target(dims),
-        "masked_entry_norm_before_fold": masked_norm,
-        "max_logit_difference_fold": difference,
-        "intermediate_students": student_dirs,
-        "notices": notices,
-        "seconds": round(time.time() - started, 1),
-    }
-    if trainer.is_world_process_zero():
-        save_student(student, output_dir, tokenizer, summary)
-    return summary
+    return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference,
+                target_step=config.steps_to_target(dims), student_dirs=student_dirs)
+
+
+def _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks) -> dict:
+    """A baseline of the same student shape and budget (wid/baselines.py)."""
+    if getattr(model.bert, "pooler", None) is not None:
+        model.bert.pooler.requires_grad_(False)  # as in WID: unused by MLM training
+    student, trainer = train_baseline(args.method, model, config, dataset, tokenizer,
+                                      _main_phase_args(training_args, config, output_dir), args.kd_temperature,
+                                      args.kd_alpha, resume=training_args.resume_from_checkpoint, callbacks=callbacks)
+    return dict(student=student, trainer=trainer)
 
 
 def format_summary(summary: dict) -> str:
     t, s = summary["teacher_widths"], summary["student_widths"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    method = summary.get("method", "wid")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
     lines = [
-        "WID distillation finished",
+        "WID distillation finished" if method == "wid" else f"baseline '{method}' finished (same student shape and budget as WID)",
         f"  teacher   {summary['teacher']}",
         f"  widths    hidden {t['hidden']} → {s['hidden']}, heads {t['heads']} → {s['heads']} × {s['hidden'] // s['heads']}, "
         f"FFN {t['intermediate']} → {s['intermediate']}, layers {s['layers']}",
         f"  params    encoder {summary['teacher_encoder_parameters'] / 1e6:.2f} M → {summary['student_encoder_parameters'] / 1e6:.2f} M",
-        f"  steps     {summary['steps']} WID steps (+{summary['head_warmup_steps']} head warm-up); masks at target from step "
-        f"{summary['schedule_reached_target_at_step']}",
+        f"  steps     {summary['steps']} {'WID' if method == 'wid' else method} steps (+{summary['head_warmup_steps']} head warm-up)"
+        + (f"; masks at target from step {summary['schedule_reached_target_at_step']}" if method == "wid" else ""),
         f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
         f"vs student {fmt(summary['student_heldout_mlm_loss'])}",
-        f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits max diff "
-        f"{summary['max_logit_difference_fold']:.2e}",
+    ]
+    if summary["max_logit_difference_fold"] is not None:
+        lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits "
+                     f"max diff {summary['max_logit_difference_fold']:.2e}")
+    lines += [
         f"  student   {summary['student_dir']}  (AutoModelForMaskedLM.from_pretrained / AutoModel)",
         f"  checkpoints {summary['checkpoints_dir']}",
     ]

@@ -89,10 +89,13 @@ class MaskedLMTrainer(Trainer):
             outputs = model(**inputs)
         finally:
             self.selector.positions = None
-        targets = labels[positions]
-        summed = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
-        loss = summed / positions.sum().clamp_min(1)  # no sync; a batch without masked tokens gives 0
+        loss = self.masked_loss(outputs.logits, labels[positions], inputs, positions)
         return (loss, outputs) if return_outputs else loss
+
+    def masked_loss(self, logits, targets, inputs, positions):
+        """Mean cross-entropy over the masked positions (`logits` holds only those rows)."""
+        summed = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return summed / positions.sum().clamp_min(1)  # no sync; a batch without masked tokens gives 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -1,0 +1,78 @@
+"""Baselines with the student shape and training budget of a WID run, so WID is compared fairly.
+
+    prune  one-shot `wid.prune` of the teacher with identity compactors, folded; no training. Identity
+           compactors score every channel alike and ties keep the lower index, so this is the teacher
+           truncated to the student's widths (the first channels of every group, of every head in dim mode).
+    mlm    that truncated teacher trained with the masked-LM loss alone (AdamW, `--learning_rate`).
+    kd     the same with DistilBERT's teacher-logit distillation added: (1-α)·MLM + α·T²·KL(teacher ‖ student)
+           at the masked positions, temperatures T on both sides (Sanh et al., 2019).
+
+All three start after the teacher's head warm-up, like WID, and use the same steps, batch and
+learning-rate schedule (1% warm-up, linear decay). The KD teacher runs in eval mode without
+gradients; its forward is extra work a WID step does not do.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import default_data_collator
+
+from .compactors import attach
+from .config import WIDConfig
+from .fold import fold
+from .masks import prune
+from .training import MaskedLMTrainer, MaskedPositionSelector
+
+METHODS = ("wid", "kd", "mlm", "prune")
+
+
+def truncated_student(teacher, config: WIDConfig):
+    """The teacher cut to the student's widths (a plain BertForMaskedLM); the teacher is left unchanged."""
+    model = attach(copy.deepcopy(teacher).to("cpu").float(), config)
+    prune(model)
+    return fold(model, progressbar=False)
+
+
+class DistillationTrainer(MaskedLMTrainer):
+    """Masked-LM training with the teacher's logits at the masked positions as soft targets."""
+
+    def __init__(self, *args, teacher, temperature: float = 2.0, alpha: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(f"kd_alpha must be in [0, 1] and kd_temperature > 0 (got {alpha}, {temperature})")
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher_selector = MaskedPositionSelector(self.teacher.cls)
+        self.temperature, self.alpha = temperature, alpha
+
+    def masked_loss(self, logits, targets, inputs, positions):
+        mlm = super().masked_loss(logits, targets, inputs, positions)
+        with torch.no_grad():
+            self.teacher_selector.positions = positions
+            try:
+                teacher_logits = self.teacher(**inputs).logits
+            finally:
+                self.teacher_selector.positions = None
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                      log_target=True, reduction="sum") / positions.sum().clamp_min(1)
+        return self.alpha * t * t * kl + (1.0 - self.alpha) * mlm
+
+
+def train_baseline(method: str, teacher, config: WIDConfig, dataset, tokenizer, training_args,
+                   kd_temperature: float = 2.0, kd_alpha: float = 0.5, resume=None, callbacks=()):
+    """(student, trainer or None) for `method` in prune | mlm | kd; `training_args` as for the WID run."""
+    if method not in METHODS[1:]:
+        raise ValueError(f"unknown baseline method '{method}'; choose one of {', '.join(METHODS)}")
+    student = truncated_student(teacher, config)
+    if method == "prune":
+        return student, None
+    common = dict(model=student, args=training_args, train_dataset=dataset, data_collator=default_data_collator,
+                  processing_class=tokenizer, callbacks=list(callbacks))
+    if method == "kd":
+        trainer = DistillationTrainer(teacher=teacher, temperature=kd_temperature, alpha=kd_alpha, **common)
+    else:
+        trainer = MaskedLMTrainer(**common)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer.model.to("cpu").float().eval(), trainer

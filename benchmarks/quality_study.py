@@ -58,6 +58,21 @@ def run_logged(command: list[str], log: Path) -> None:
         sys.exit(f"quality_study.py: step failed (exit {done.returncode}); last lines of {log}:\n" + "\n".join(tail))
 
 
+def _reuse_head_warmup(root: Path, methods: list[str], student: Path) -> None:
+    """Give a student run the head warm-up another method already did: same teacher, data, seed and steps, so
+    the same result (`wid distill` loads a finished warm-up from OUTPUT_DIR/checkpoints/head-warmup)."""
+    import shutil
+
+    for method in methods:
+        done = root / method / "checkpoints" / "head-warmup"
+        if (done / "config.json").exists() and done.parent.parent != student:
+            target = student / "checkpoints" / "head-warmup"
+            if not (target / "config.json").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(done, target)
+            return
+
+
 def distill_students(args, root: Path) -> dict[str, dict]:
     """{method: wid_summary.json} of every student, training the missing ones."""
     summaries = {}
@@ -66,6 +81,7 @@ def distill_students(args, root: Path) -> dict[str, dict]:
         summary_file = student / "wid_summary.json"
         if not summary_file.exists():
             started = time.time()
+            _reuse_head_warmup(root, args.methods, student)
             run_logged([sys.executable, "-m", "wid.cli", "distill", *distill_argv(args, method, student),
                         "--overwrite_output_dir", "true"], root / f"distill-{method}.log")
             print(f"  {method}: {time.time() - started:.0f} s", flush=True)

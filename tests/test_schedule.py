@@ -126,3 +126,26 @@ def test_prune_zeroes_every_masked_entry_and_only_those():
     assert model.bert.encoder.layer[1].output.dense.output_compactor[dropped].abs().sum() == 0
     assert model.bert.encoder.layer[1].output.LayerNorm.weight[dropped].abs().sum() == 0
     assert model.cls.predictions.bias.abs().sum() > 0  # the decoder bias is never masked
+
+
+MINILM = TeacherDims(layers=6, hidden=384, heads=12, head_dim=32, intermediate=1536, vocab=30522)
+
+
+def test_a_run_too_short_for_the_penalty_is_announced():
+    from wid.training import penalty_budget_notice
+
+    short = WIDConfig(preset="half", w_step=6, compactor_lr=2e-3).for_teacher(MINILM)  # the built-in default run
+    notice = penalty_budget_notice(short, MINILM, steps=160)
+    assert "64 steps follow the last mask update" in notice and "0.13" in notice and "≥ 500 steps" in notice
+    paper = WIDConfig(preset="wid55").for_teacher(BERT_BASE)  # 400k steps, w_step 500, lr 5e-5
+    assert penalty_budget_notice(paper, BERT_BASE, steps=400_000) is None
+
+
+def test_masked_entry_fraction_is_one_at_identity_and_zero_after_prune():
+    from wid.masks import masked_entry_fraction
+
+    model = wid.attach(make_teacher(heads=3, head_dim=4, intermediate=19), WIDConfig(target_hidden=6, target_intermediate=9))
+    wid.apply_schedule(model, 100)
+    assert masked_entry_fraction(model) >= 1.0  # identity compactor entries (plus the teacher's masked biases and norms)
+    wid.prune(model)
+    assert masked_entry_fraction(model) == 0.0

@@ -24,8 +24,8 @@ from .compactors import attach
 from .config import WIDConfig
 from .export import fold_trained, save_student, write_atomically
 from .fold import fold
-from .masks import at_target
-from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals
+from .masks import at_target, masked_entry_fraction, masked_entry_norm
+from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals, penalty_budget_notice
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU in < 15 minutes.
 # Its budget is ~1/2000 of the paper's, so the compactor learning rate is raised to let the penalty
@@ -277,6 +277,10 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         notices.append(notice)
         print(f"[wid] {notice}")
     config = dataclasses.replace(config, w_step=w_step)
+    notice = penalty_budget_notice(config, dims, training_args.max_steps)
+    if notice:
+        notices.append(notice)
+        print(f"[wid] {notice}")
     model = attach(model, config)
     if getattr(model.bert, "pooler", None) is not None:
         model.bert.pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
@@ -298,6 +302,10 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
     model.to("cpu").float()
     if not at_target(model):
         notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
+    left = masked_entry_fraction(model)
+    if left > 0.1:
+        notices.append(f"the masked compactor entries still held {left:.0%} of their initial size at the cut (masked-entry norm "
+                       f"{masked_entry_norm(model):.3g}): the student lost what they carried; train longer after the target")
     student, masked_norm, difference = fold_trained(model)
     return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference,
                 target_step=config.steps_to_target(dims), student_dirs=student_dirs)

@@ -234,6 +234,16 @@ def masked_entry_norm(model) -> float:
     return float(total.sqrt())
 
 
+def masked_entry_fraction(model) -> float:
+    """`masked_entry_norm` relative to what the masked compactor entries held at the identity initialisation
+    (one 1 per masked row or column): ~0 when the penalty has done its work, ~1 when it has barely started."""
+    state = wid_state(model)
+    if not state.masks_active:
+        return float("nan")
+    slices = sum(int((~state.keep(item.group)).sum()) for item in masked_parameters(model) if item.is_compactor)
+    return masked_entry_norm(model) / max(slices, 1) ** 0.5
+
+
 def current_widths(model) -> dict:
     """Kept channel counts of every group, as they are now (for logs and summaries)."""
     state = wid_state(model)

@@ -189,6 +189,23 @@ class WIDScheduleCallback(TrainerCallback):
                 self.on_width(fraction, uniform_snapshot(model, uniform))
 
 
+def penalty_budget_notice(config, dims, steps: int) -> str | None:
+    """A warning when the steps left after the masks reach their target cannot drive the masked entries to zero.
+
+    Adam moves an entry by at most about its learning rate per step, and a masked compactor entry starts
+    at 1 (identity), so it needs roughly 1 / compactor_lr steps of penalty; with fewer, the final cut
+    removes what the masked channels still carry.
+    """
+    left = steps - config.steps_to_target(dims)
+    reach = left * config.compactor_lr
+    if reach >= 1.0:
+        return None
+    return (f"only {max(left, 0)} steps follow the last mask update, and at compactor_lr={config.compactor_lr:g} Adam can shrink "
+            f"a masked compactor entry by about {reach:.2g} of its initial size in that time: the final cut will remove "
+            f"channels that still carry signal (a lossy student); give WID ≥ {math.ceil(1 / config.compactor_lr)} steps after "
+            f"the target (more --max_steps, a smaller --w_step, or a larger --compactor_lr)")
+
+
 def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:
     """A w_step that lets the schedule reach its target by 80% of `steps`, and a notice if it changed."""
     updates = config.mask_updates_to_target(dims)

@@ -154,8 +154,8 @@ def render(args, summaries, scores, attention, costs, seconds: float) -> str:
     lines = [
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; device: {device_name(torch.device('cpu'))}; "
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- Command: `{shlex.join(getattr(sys, 'orig_argv', sys.argv))}` (whole study: {seconds / 60:.0f} min, "
-        "steps already done in its output folder are not re-run)",
+        f"- Command: `{shlex.join(getattr(sys, 'orig_argv', sys.argv))}` (this invocation: {seconds / 60:.0f} min; steps found "
+        f"finished in its output folder are reused, not re-run; fine-tuning + scoring took {_eval_minutes(scores):.0f} min in all)",
         f"- Students: hidden {widths['hidden']} ({widths['heads']} heads), FFN {widths['intermediate']}, {widths['layers']} layers; "
         f"{first['head_warmup_steps']} head warm-up steps (all methods) + {max(s['steps'] for s in summaries.values())} "
         f"training steps (prune: none), batch {args.batch_size}, seed {args.seed}; settings: `wid distill {shlex.join(distill_argv(args, 'METHOD', Path('OUT')))}`",
@@ -174,6 +174,10 @@ def render(args, summaries, scores, attention, costs, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _eval_minutes(scores: dict) -> float:
+    return sum(r.get("train_runtime_s", 0) + r.get("eval_runtime_s", 0) for r in scores.values()) / 60
+
+
 def _heldout_note(args) -> str:
     if args.corpus:
         return "not measured (a user corpus has no held-out split)"
@@ -184,6 +188,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="quality-study", help="students, scores and logs (resumable)")
     parser.add_argument("--report", type=Path, default=HERE / "QUALITY.md", help="Markdown file whose results section is replaced")
+    parser.add_argument("--section", default="results", help="name of the section of --report to replace (one per study variant)")
     parser.add_argument("--methods", nargs="+", default=["wid", "kd", "mlm", "prune"], choices=list(METHOD_NAMES))
     parser.add_argument("--teacher", help="default: the built-in all-MiniLM-L6-v2")
     parser.add_argument("--corpus", nargs="+", help="default: the shipped corpus (which has a held-out split)")
@@ -229,8 +234,8 @@ def main(argv=None) -> None:
 
     if not args.report.exists():
         args.report.write_text("# Quality study: does the student hold up?\n\nWritten by `benchmarks/quality_study.py`.\n")
-    write_section(args.report, "results", text)
-    print(f"quality_study.py: wrote the results section of {args.report}", file=sys.stderr)
+    write_section(args.report, args.section, f"## {args.section}\n\n{text}")
+    print(f"quality_study.py: wrote the {args.section} section of {args.report}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def step_section(rows: list[dict]) -> tuple[str | None, list[str]]:
                          memory_text, of_plain])
         how = by[next(iter(by))].get("memory", "peak memory")
         parts.append(f"### Training step — {case}: {model}, batch {batch} × {tokens // batch} = {tokens} tokens, {precision}\n\n"
-                     + table(["provider", "own kernels (rest: reference)", "time per step", "× vs reference",
+                     + table(["provider", "own kernels (rest: torch backend's, else reference)", "time per step", "× vs reference",
                               "time / plain step", how, f"{how} / plain"], body))
         backends = [r for p, r in by.items() if p not in ("reference", "plain")]
         if ref and backends and model.startswith(TARGET["model"]) and tokens == TARGET["tokens"]:

@@ -166,3 +166,11 @@ def test_auto_never_picks_an_interpreted_triton():
     env = dict(os.environ, WID_BACKEND="auto", TRITON_INTERPRET="1", PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] != "triton" or out[1] == "True"
+
+
+def test_auto_on_a_machine_without_gpu_picks_the_torch_backend():
+    code = "import wid_kernels, torch; print(wid_kernels.get_backend(), torch.cuda.is_available())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, WID_BACKEND="auto", PYTHONPATH=root)
+    backend, has_gpu = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert backend == ("cuda" if has_gpu == "True" else "torch")

@@ -48,4 +48,4 @@ def test_study_writes_a_row_per_model_and_resumes(tmp_path):
     quality_study.main(argv)
     assert (tmp_path / "study" / "wid" / "wid_summary.json").stat().st_mtime_ns == stamp
     again = report.read_text()
-    assert "kept by hand" in again and again.count("<!-- BEGIN results -->") == 1
+    assert "kept by hand" in again and again.count("<!-- BEGIN results -->") == 1 and "## results" in again

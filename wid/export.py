@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
 
 from .compactors import attach
 from .config import WIDConfig
@@ -57,6 +57,9 @@ def load_checkpoint(path) -> BertForMaskedLM:
     weights = _read_weights(path)
     with torch.device("cpu"):
         model = BertForMaskedLM(config)
+        if any(key.startswith("bert.pooler.") for key in weights):  # a BertModel teacher given an MLM head keeps its pooler
+            model.bert = BertModel(config, add_pooling_layer=True)
+            model.tie_weights()
     model = attach(model, WIDConfig.from_dict(settings))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in TIED_KEYS]

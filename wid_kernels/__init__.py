@@ -77,8 +77,10 @@ def _resolve(name: str) -> str:
     name = (name or "auto").strip().lower()
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if candidate == "triton" and not _has_gpu():
-                continue  # Triton on the CPU means the interpreter: correct, but far too slow to train with
+            if candidate in ("cuda", "triton") and not _has_gpu():
+                # Triton on the CPU is the interpreter, and the extension's C++ CPU kernels measured slower than
+                # torch's own ops (benchmarks/RESULTS.md: LayerNorm 4.8 vs 0.8 ms, optimizer 193 vs 75 ms, step 3.81 vs 3.63 s)
+                continue
             if _load(candidate) is not None:
                 return candidate
         return "reference"

@@ -64,6 +64,13 @@ def test_a_teacher_without_mlm_head_is_warmed_up_first(files, tmp_path):
     summary = run_distillation(args, targs)
     assert summary["head_warmup_steps"] == 4 and summary["head_warmup_final_loss"] is not None
     assert (tmp_path / "s" / "checkpoints" / "head-warmup" / "config.json").exists()
+    # its checkpoints hold the encoder teacher's pooler: export and verify must still read them
+    from wid.export import export_checkpoint, verify_student
+
+    checkpoint = tmp_path / "s" / "checkpoints" / "checkpoint-12"
+    report = export_checkpoint(checkpoint, tmp_path / "exported")
+    assert report["hidden_size"] == 6 and report["max_logit_difference_after_pruning"] <= 1e-4
+    assert verify_student(checkpoint, tmp_path / "exported")["max_logit_difference_after_pruning"] <= 1e-4
 
 
 def test_non_empty_output_dir_is_refused(files, tmp_path, capsys):

@@ -3,7 +3,7 @@
 `DistillArguments` holds the WID-specific flags of `wid distill`; the Trainer's own options come in
 a `transformers.TrainingArguments`. With no teacher, corpus or step count given, the run uses the
 built-in default (all-MiniLM-L6-v2 and the shipped corpus) sized to finish on a 2-core CPU in
-under 15 minutes.
+15-30 minutes. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from .fold import fold
 from .masks import at_target, masked_entry_fraction, masked_entry_norm
 from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals, penalty_budget_notice
 
-# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU in < 15 minutes.
-# Its budget is ~1/2000 of the paper's, so the compactor learning rate is raised to let the penalty
-# drive masked entries to ~0 within the run (see README, "The built-in default run").
+# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (15-30 minutes).
+# Its budget is ~1/2500 of the paper's steps, so the schedule is compressed and the compactor learning rate
+# raised; that demonstrates the pipeline but does not give a good student (README, "The built-in default
+# run"; benchmarks/QUALITY.md).
 DEFAULT_RUN = dict(preset="half", max_steps=160, head_warmup_steps=80, per_device_train_batch_size=16, w_step=6,
                    logging_steps=6, compactor_lr=2e-3, teacher_lr=1e-5, learning_rate=1e-4)
 

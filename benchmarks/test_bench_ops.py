@@ -85,19 +85,32 @@ def _linear_inputs(m, k, n, dtype, device, requires_grad):
     return x, Q, W, L, bias
 
 
+def _forward_backward(forward, leaves, dy):
+    """One timed call: clear the leaves' gradients, run `forward`, back-propagate `dy`; returns the output."""
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        y = forward()
+        y.backward(dy)
+        return y
+
+    return run
+
+
+def _linear_run(provider, device, x, Q, W, L, bias, keep_out, keep_in):
+    """The provider's compacted linear as a closure; the limit is a plain linear with the teacher's weight."""
+    if provider == "limit":
+        return lambda: F.linear(x, W, bias)
+    op = backend_op(provider, "compacted_linear", device)
+    return lambda: op(x, Q, W, L, bias, keep_out, keep_in)
+
+
 @pytest.mark.parametrize("provider", OP_PROVIDERS)
 def test_compacted_linear_forward(benchmark, case, device, shape, tokens, dtype, provider):
     """y = x(QWL)ᵀ + Qb at the teacher's width; the forward never depends on the masks, so kept = 1."""
     m, k = shape
     x, Q, W, L, bias = _linear_inputs(m, k, tokens, dtype, device, requires_grad=False)
-    if provider == "limit":
-        def run():
-            return F.linear(x, W, bias)
-    else:
-        op = backend_op(provider, "compacted_linear", device)
-
-        def run():
-            return op(x, Q, W, L, bias, None, None)
+    run = _linear_run(provider, device, x, Q, W, L, bias, None, None)
     record(benchmark, op="compacted_linear", mode="forward", provider=provider, case=case, device=device, shape=shape,
            dtype=dtype, kept=1.0, tokens=tokens, flops=linear_forward_flops(provider, m, k, tokens),
            bytes=linear_bytes(provider, m, k, tokens, _bytes_per(dtype), backward=False))
@@ -116,21 +129,7 @@ def test_compacted_linear_forward_backward(benchmark, case, device, shape, token
     keep_out, keep_in = random_keep(m, kept, device, seed=2), random_keep(k, kept, device, seed=3)
     dy = _randn(tokens, m, generator=_generator(device, 4), device=device, dtype=DTYPES[dtype])
     leaves = (x, W, bias) if provider == "limit" else (x, Q, W, L, bias)
-    if provider == "limit":
-        def forward():
-            return F.linear(x, W, bias)
-    else:
-        op = backend_op(provider, "compacted_linear", device)
-
-        def forward():
-            return op(x, Q, W, L, bias, keep_out, keep_in)
-
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        y = forward()
-        y.backward(dy)
-        return y
+    run = _forward_backward(_linear_run(provider, device, x, Q, W, L, bias, keep_out, keep_in), leaves, dy)
 
     record(benchmark, op="compacted_linear", mode="forward+backward", provider=provider, case=case, device=device,
            shape=shape, dtype=dtype, kept=kept, tokens=tokens, flops=3 * linear_forward_flops(provider, m, k, tokens),
@@ -209,15 +208,8 @@ def test_masked_layer_norm_forward_backward(benchmark, case, device, tokens, kep
     """Forward and backward to x, residual, γ and β."""
     h = case.model.hidden
     leaves = _layer_norm_inputs(tokens, h, dtype, device, requires_grad=True)
-    forward = _layer_norm_run(provider, device, *leaves, random_keep(h, kept, device))
     dy = _randn(tokens, h, generator=_generator(device, 6), device=device, dtype=DTYPES[dtype])
-
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        y = forward()
-        y.backward(dy)
-        return y
+    run = _forward_backward(_layer_norm_run(provider, device, *leaves, random_keep(h, kept, device)), leaves, dy)
 
     record(benchmark, op="masked_layer_norm", mode="forward+backward", provider=provider, case=case, device=device,
            shape=(tokens, h), dtype=dtype, kept=kept, tokens=tokens, bytes=(6 * tokens * h + 4 * h) * _bytes_per(dtype))

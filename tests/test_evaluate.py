@@ -231,7 +231,7 @@ def test_a_wid_training_checkpoint_is_sent_to_wid_export(tmp_path):
 
 
 def test_a_folder_without_a_model_is_refused(tmp_path):
-    with pytest.raises(EvaluationError, match="not a model folder"):
+    with pytest.raises(EvaluationError, match="has no config.json"):
         evaluate_model(tmp_path, task="tweet_sentiment")
 
 

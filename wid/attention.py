@@ -61,17 +61,12 @@ def _quiet_transformers():
 
 def load_encoder(model_dir, role: str = "model"):
     """The BERT encoder in `model_dir` (a BertModel or BertForMaskedLM folder), set up to return attentions."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
+
+    from .export import plain_model_config
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise AttentionComparisonError(f"the {role} folder {path} has no config.json; pass a folder written by save_pretrained or wid export")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable config gets the same advice
-        raise AttentionComparisonError(f"cannot read the {role} config in {path} ({type(exc).__name__}); the folder is corrupt") from None
-    if isinstance(getattr(config, "wid", None), dict):
-        raise AttentionComparisonError(f"the {role} folder {path} is a wid distill checkpoint; fold it first with wid export CHECKPOINT STUDENT_DIR")
+    plain_model_config(path, AttentionComparisonError, role)
     try:
         with _quiet_transformers():
             model = AutoModel.from_pretrained(path, attn_implementation="eager")

@@ -251,20 +251,9 @@ def load_task(task=None, train_file=None, validation_file=None, text_column=None
 
 def check_model_dir(model_dir):
     """The config of a model folder; EvaluationError for a missing folder, a non-model or a WID training checkpoint."""
-    from transformers import AutoConfig
+    from .export import plain_model_config
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise EvaluationError(f"{model_dir} is not a model folder (no config.json); pass a student written by wid distill or wid export")
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:  # noqa: BLE001 - any unreadable config gets the same advice
-        raise EvaluationError(f"cannot read {model_dir / 'config.json'} ({type(exc).__name__}); "
-                              "pass a folder saved with save_pretrained") from None
-    if isinstance(getattr(config, "wid", None), dict):
-        raise EvaluationError(f"{model_dir} is a wid distill training checkpoint: fold it first with "
-                              f"`wid export {model_dir} STUDENT_DIR`, then evaluate STUDENT_DIR")
-    return config
+    return plain_model_config(model_dir, EvaluationError)
 
 
 def _load_model(model_dir, config, label_names):

@@ -42,6 +42,22 @@ def _read_weights(path: Path) -> dict:
     raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin; pass a checkpoint-N folder written by wid distill")
 
 
+def plain_model_config(model_dir, error=CheckpointError, role: str = "model"):
+    """The config of a plain model folder (a teacher or a student), or `error` with the fix: no config.json,
+    an unreadable one, or a `wid distill` training checkpoint (fold it with `wid export` first)."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise error(f"the {role} folder {path} has no config.json; pass a folder written by save_pretrained, wid distill or wid export")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable config gets the same advice
+        raise error(f"cannot read the {role} config {path / 'config.json'} ({type(exc).__name__}); the folder is corrupt") from None
+    if isinstance(getattr(config, "wid", None), dict):
+        raise error(f"the {role} folder {path} is a wid distill training checkpoint: fold it first with "
+                    f"`wid export {path} STUDENT_DIR`, then use STUDENT_DIR")
+    return config
+
+
 def load_checkpoint(path) -> BertForMaskedLM:
     """Rebuild the compactor model of a `wid distill` training checkpoint (masks included)."""
     path = Path(path)

@@ -221,3 +221,27 @@ def test_info_reports_versions_and_backends(capsys):
 def test_unknown_command_prints_usage(capsys):
     assert main(["distil"]) == 2
     assert "usage: wid" in capsys.readouterr().err
+
+
+def test_representation_spread_is_zero_for_a_collapsed_model_and_reported():
+    from datasets import Dataset
+
+    from wid.distill import representation_spread
+
+    from conftest import make_teacher
+
+    model = make_teacher(vocab=40)
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 40, (20, 9), generator=generator).tolist(),
+                              "attention_mask": [[1] * 9] * 20})
+    assert representation_spread(model, data) > 0.05
+    with torch.no_grad():
+        model.bert.encoder.layer[-1].output.LayerNorm.weight.zero_()  # every input now maps to LayerNorm's β
+    assert representation_spread(model, data) < 1e-6
+    assert representation_spread(model, data.select([0])) is None
+
+
+def test_summary_reports_the_students_spread(files, tmp_path):
+    args, targs = _parse(distill_argv(files["teacher"], files["corpus"], tmp_path / "s"))
+    summary = run_distillation(args, targs)
+    assert summary["representation_spread_vs_teacher"] > 0

@@ -190,6 +190,27 @@ def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: in
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def representation_spread(model, dataset, count: int = 64, batch_size: int = 16) -> float | None:
+    """How much the encoder's output varies across inputs: the mean over channels of the standard deviation,
+    across `count` sequences, of the mean-pooled last hidden state. About 0 when a model maps every input to
+    the same representation, a collapse that the MLM loss alone does not reveal (benchmarks/QUALITY.md)."""
+    if dataset is None or len(dataset) < 2:
+        return None
+    model.eval()
+    encoder = model.bert if hasattr(model, "bert") else model
+    device = next(model.parameters()).device
+    pooled = []
+    for start in range(0, min(len(dataset), count), batch_size):
+        batch = default_data_collator([dataset[i] for i in range(start, min(start + batch_size, count, len(dataset)))])
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        weights = attention_mask.unsqueeze(-1).float()
+        pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
+    return float(torch.cat(pooled).std(dim=0).mean())
+
+
 def run_distillation(args: DistillArguments, training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole run; returns the summary (also written to output_dir/wid_summary.json)."""
     from .data import build_mlm_dataset, mlm_collator, resolve_corpus
@@ -229,12 +250,20 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     if warmup_steps > 0:
         warmup_loss = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
     teacher_heldout = heldout_loss(model, heldout, collator)
+    probe = heldout if heldout is not None else dataset
+    teacher_spread = representation_spread(model, probe)
 
     if args.method == "wid":
         trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks)
     else:
         trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks)
     student, trainer = trained["student"], trained["trainer"]
+    spread = representation_spread(student, probe)
+    relative_spread = spread / teacher_spread if spread is not None and teacher_spread else None
+    if relative_spread is not None and relative_spread < 0.05:
+        notices.append(f"the student's output barely varies across inputs ({relative_spread:.2%} of the teacher's spread): it has "
+                       "collapsed to a near-constant representation, which the MLM loss does not show; train longer with a "
+                       "lower --compactor_lr, or start from a teacher with a trained MLM head (see benchmarks/QUALITY.md)")
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),
@@ -253,6 +282,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         "final_mlm_loss": _last_loss(trainer) if trainer is not None else None,
         "teacher_heldout_mlm_loss": teacher_heldout,
         "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
+        "representation_spread_vs_teacher": relative_spread,
         "schedule_reached_target_at_step": trained.get("target_step"),
         "masked_entry_norm_before_fold": trained.get("masked_norm"),
         "max_logit_difference_fold": trained.get("difference"),
@@ -339,6 +369,8 @@ def format_summary(summary: dict) -> str:
         + (f"; masks at target from step {summary['schedule_reached_target_at_step']}" if method == "wid" else ""),
         f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
         f"vs student {fmt(summary['student_heldout_mlm_loss'])}",
+        f"  spread    the student's outputs vary across inputs {fmt(summary.get('representation_spread_vs_teacher'))}× as much as "
+        "the teacher's (≈0: collapsed)",
     ]
     if summary["max_logit_difference_fold"] is not None:
         lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits "

@@ -3,7 +3,7 @@
 `DistillArguments` holds the WID-specific flags of `wid distill`; the Trainer's own options come in
 a `transformers.TrainingArguments`. With no teacher, corpus or step count given, the run uses the
 built-in default (all-MiniLM-L6-v2 and the shipped corpus) sized to finish on a 2-core CPU in
-15-30 minutes. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
+about 8 minutes. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .fold import fold
 from .masks import at_target, masked_entry_fraction, masked_entry_norm
 from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals, penalty_budget_notice
 
-# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (15-30 minutes).
+# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (about 8 minutes).
 # Its budget is ~1/2500 of the paper's steps, so the schedule is compressed and the compactor learning rate
 # raised; that demonstrates the pipeline but does not give a good student (README, "The built-in default
 # run"; benchmarks/QUALITY.md).

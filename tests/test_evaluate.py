@@ -279,3 +279,72 @@ def test_weights_missing_part_of_the_encoder_are_refused(tmp_path):
     data = write_rows(tmp_path / "data.csv", ("sentence", "label"), sentiment_rows(4, 0))
     with pytest.raises(EvaluationError, match=r"lack part of the encoder \(bert\.encoder\.layer\.1\.output\.dense\.weight"):
         evaluate_model(model, train_file=data, validation_file=data, num_train_epochs=0)
+
+
+# --- GLUE without the network: the hub's layout, built in memory ---------------------------------
+
+def fake_glue(columns, label_feature, rows):
+    """A DatasetDict laid out like nyu-mll/glue: train, validation split(s), and a typed label column."""
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    features = Features({name: Value("string") for name in columns} | {"label": label_feature, "idx": Value("int32")})
+
+    def split(count, offset):
+        return Dataset.from_dict({name: [f"{name} {rows[(offset + i) % len(rows)]}" for i in range(count)] for name in columns}
+                                 | {"label": [(offset + i) % 3 if label_feature.dtype == "int64" else (offset + i) % 5 * 1.0
+                                              for i in range(count)],
+                                    "idx": list(range(count))}, features=features)
+
+    return split
+
+
+def test_mnli_is_scored_on_matched_and_mismatched(model_dir, tmp_path, monkeypatch):
+    import datasets
+    from datasets import ClassLabel, DatasetDict
+
+    split = fake_glue(("premise", "hypothesis"), ClassLabel(names=["entailment", "neutral", "contradiction"]), ["a cat", "a dog"])
+    requested = []
+
+    def load_dataset(path, name, **kwargs):
+        requested.append((path, name))
+        return DatasetDict(train=split(12, 0), validation_matched=split(7, 1), validation_mismatched=split(5, 2))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    results = evaluate_model(model_dir, task="mnli", output_dir=tmp_path, **FAST)
+    assert requested == [("nyu-mll/glue", "mnli")]
+    assert results["labels"] == ["entailment", "neutral", "contradiction"]
+    assert (results["eval_samples"], results["eval_samples_mm"]) == (7, 5)
+    assert 0 <= results["accuracy"] <= 1 and 0 <= results["accuracy_mm"] <= 1
+
+
+def test_stsb_from_the_hub_is_a_regression(model_dir, tmp_path, monkeypatch):
+    import datasets
+    from datasets import DatasetDict, Value
+
+    split = fake_glue(("sentence1", "sentence2"), Value("float32"), ["one", "two", "three"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: DatasetDict(train=split(10, 0), validation=split(6, 1)))
+    results = evaluate_model(model_dir, task="stsb", output_dir=tmp_path, **FAST)
+    assert results["labels"] is None and {"pearson", "spearman"} <= results.keys() and "accuracy_mm" not in results
+
+
+def test_save_model_writes_a_classifier_that_scores_the_same(model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train = write_rows(tmp_path / "train.csv", ("sentence", "label"), sentiment_rows(24, 0))
+    dev = write_rows(tmp_path / "dev.csv", ("sentence", "label"), sentiment_rows(10, 1))
+    results = evaluate_model(model_dir, train_file=train, validation_file=dev, output_dir=tmp_path / "out", save_model=True, **FAST)
+    assert results["saved_model"] == str(tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary folder left
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    rows = read_table(dev)
+    with torch.no_grad():
+        logits = model(**tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")).logits
+    predicted = [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+    assert results["accuracy"] == sum(p == row["label"] for p, row in zip(predicted, rows)) / len(rows)
+
+
+def test_without_save_model_only_the_scores_are_written(model_dir, tmp_path):
+    data = write_rows(tmp_path / "data.csv", ("sentence", "label"), sentiment_rows(6, 0))
+    evaluate_model(model_dir, train_file=data, validation_file=data, output_dir=tmp_path / "out", num_train_epochs=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval_results.json"]

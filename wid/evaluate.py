@@ -26,7 +26,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ GLUE_TASKS = {
     "rte": (("sentence1", "sentence2"), "validation", "accuracy"),
     "wnli": (("sentence1", "sentence2"), "validation", "accuracy"),
 }
+# Further validation sets scored beside the main one: task → {suffix of the result keys: split}.
+GLUE_EXTRA_VALIDATION = {"mnli": {"mm": "validation_mismatched"}}
 METRIC_OF_TASK = {name: metric for name, (_, _, metric) in GLUE_TASKS.items()} | {TWEET_TASK: "accuracy_f1"}
 TASKS = tuple(METRIC_OF_TASK)
 
@@ -93,6 +95,7 @@ class TaskData:
     text_columns: tuple
     label_names: list | None  # None: regression
     metric: str
+    extra_validation: dict = field(default_factory=dict)  # suffix → dataset, e.g. {"mm": MNLI mismatched}
 
 
 # --- tweet_sentiment -------------------------------------------------------------------------------
@@ -142,7 +145,8 @@ def _glue_task(task: str) -> TaskData:
                               f"use --task {TWEET_TASK} or local files (--train_file/--validation_file)") from None
     feature = glue["train"].features["label"]
     label_names = None if metric == "pearson_spearman" else list(feature.names)
-    return TaskData(task, glue["train"], glue[validation_split], text_columns, label_names, metric)
+    extra = {suffix: glue[split] for suffix, split in GLUE_EXTRA_VALIDATION.get(task, {}).items()}
+    return TaskData(task, glue["train"], glue[validation_split], text_columns, label_names, metric, extra)
 
 
 # --- local files ---------------------------------------------------------------------------------
@@ -295,13 +299,16 @@ def _write_json(path: Path, data: dict):
 
 def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, num_train_epochs=3.0, output_dir=None,
                    max_train_samples=None, max_eval_samples=None, max_seq_length=128, learning_rate=5e-5,
-                   per_device_train_batch_size=32, seed=42, text_column=None, label_column="label") -> dict:
+                   per_device_train_batch_size=32, seed=42, text_column=None, label_column="label", save_model=False) -> dict:
     """Fine-tune `model_dir` on a task and score its validation set; returns (and writes to
     OUTPUT_DIR/eval_results.json) the scores with the task, model, sizes and settings.
 
     max_train_samples / max_eval_samples keep the first N examples (of the fixed shuffle for tweet_sentiment);
-    num_train_epochs=0 scores the untrained head.
+    num_train_epochs=0 scores the untrained head. MNLI is scored on matched and mismatched (keys `*_mm`).
+    save_model also writes the fine-tuned classifier and tokenizer to OUTPUT_DIR (all at once, config.json last),
+    e.g. to time it or to predict with it later.
     """
+    from .export import write_atomically
     from transformers import (
         DataCollatorWithPadding,
         Trainer,
@@ -335,9 +342,16 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
     if num_train_epochs > 0:
         trainer.train()
     trained = time.perf_counter()
-    logits = trainer.predict(validation).predictions
-    predictions = logits[:, 0] if data.label_names is None else logits.argmax(axis=-1)
-    scores = compute_scores(data.metric, predictions, np.asarray(validation["label"]))
+
+    def score(dataset) -> dict:
+        logits = trainer.predict(dataset).predictions
+        predictions = logits[:, 0] if data.label_names is None else logits.argmax(axis=-1)
+        return compute_scores(data.metric, predictions, np.asarray(dataset["label"]))
+
+    scores = score(validation)
+    for suffix, extra in data.extra_validation.items():
+        extra = prepare(extra, max_eval_samples)
+        scores |= {f"{key}_{suffix}": value for key, value in score(extra).items()} | {f"eval_samples_{suffix}": len(extra)}
     results = {
         "task": data.name,
         "model": str(model_dir),
@@ -357,6 +371,13 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
         "train_runtime_s": round(trained - started, 2),
         "eval_runtime_s": round(time.perf_counter() - trained, 2),
     }
+    if save_model:
+
+        def write(tmp):
+            trainer.save_model(tmp)  # the model and, as processing_class, the tokenizer
+
+        results["saved_model"] = str(output_dir)
+        write_atomically(output_dir, write)
     _write_json(output_dir / "eval_results.json", results)
     return results
 
@@ -376,6 +397,7 @@ def main(argv) -> int:
                ("learning_rate", float, ""), ("per_device_train_batch_size", int, ""), ("seed", int, "training order and head init"),
                ("text_column", str, "local files: the text column(s), e.g. review or question,answer"),
                ("label_column", str, "local files: the label column")]
+    parser.add_argument("--save_model", action="store_true", help="also save the fine-tuned model and tokenizer to --output_dir")
     for name, kind, help_text in options:
         default = "" if defaults[name] is None else f" (default {defaults[name]})"
         parser.add_argument(f"--{name}", type=kind, help=f"{help_text}{default}".strip())

@@ -134,7 +134,7 @@ MINILM = TeacherDims(layers=6, hidden=384, heads=12, head_dim=32, intermediate=1
 def test_a_run_too_short_for_the_penalty_is_announced():
     from wid.training import penalty_budget_notice
 
-    short = WIDConfig(preset="half", w_step=6, compactor_lr=2e-3).for_teacher(MINILM)  # the built-in default run
+    short = WIDConfig(preset="half", w_step=6, compactor_lr=2e-3).for_teacher(MINILM)  # the default run's schedule, lr raised
     notice = penalty_budget_notice(short, MINILM, steps=160)
     assert "64 steps follow the last mask update" in notice and "0.13" in notice and "≥ 500 steps" in notice
     paper = WIDConfig(preset="wid55").for_teacher(BERT_BASE)  # 400k steps, w_step 500, lr 5e-5

@@ -203,7 +203,8 @@ def penalty_budget_notice(config, dims, steps: int) -> str | None:
     return (f"only {max(left, 0)} steps follow the last mask update, and at compactor_lr={config.compactor_lr:g} Adam can shrink "
             f"a masked compactor entry by about {reach:.2g} of its initial size in that time: the final cut will remove "
             f"channels that still carry signal (a lossy student); give WID ≥ {math.ceil(1 / config.compactor_lr)} steps after "
-            f"the target (more --max_steps, a smaller --w_step, or a larger --compactor_lr)")
+            f"the target (more --max_steps or a smaller --w_step; a larger --compactor_lr shortens this but collapsed the "
+            f"short runs of benchmarks/QUALITY.md)")
 
 
 def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -334,6 +333,8 @@ def main(argv=None) -> int:
         raise AttentionComparisonError(f"--max_seq_length is {args.max_seq_length}; pass at least 2")
     report = compare_attention(args.teacher_dir, args.student_dir, output=args.output, max_seq_length=args.max_seq_length, num_texts=args.num_texts)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from .export import write_json_atomically
+
+        write_json_atomically(args.json, report)
     print(format_report(report))
     return 0

@@ -1,4 +1,4 @@
-"""The `wid` command: distill, export, verify, evaluate, attention, info.
+"""The `wid` command: distill, export, verify, evaluate, attention, speed, info.
 
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
                 [--method wid|kd|mlm|prune] [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...]
@@ -7,6 +7,7 @@
     wid verify CHECKPOINT_DIR STUDENT_DIR
     wid evaluate MODEL_DIR [--task NAME | --train_file F --validation_file F] [--num_train_epochs N] [--output_dir D]
     wid attention TEACHER_DIR STUDENT_DIR [--output FIGURE.png]
+    wid speed TEACHER_DIR STUDENT_DIR [MORE_DIRS ...] [--batch_size N] [--seq_len N] [--dtype D] [--device D]
     wid info
 
 Bad input ends with one line on stderr that names the fix and exit status 2.
@@ -114,7 +115,14 @@ def evaluate(argv) -> int:
     return fine_tune_and_score(argv)
 
 
-COMMANDS = {"distill": distill, "export": export, "verify": verify, "evaluate": evaluate, "attention": attention, "info": info}
+def speed(argv) -> int:
+    from .speed import main as time_side_by_side
+
+    return time_side_by_side(argv)
+
+
+COMMANDS = {"distill": distill, "export": export, "verify": verify, "evaluate": evaluate, "attention": attention, "speed": speed,
+            "info": info}
 
 
 def main(argv=None) -> int:

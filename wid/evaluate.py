@@ -23,7 +23,6 @@ import csv
 import importlib.util
 import inspect
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -290,13 +289,6 @@ def _load_model(model_dir, config, label_names):
     return tokenizer, model
 
 
-def _write_json(path: Path, data: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, num_train_epochs=3.0, output_dir=None,
                    max_train_samples=None, max_eval_samples=None, max_seq_length=128, learning_rate=5e-5,
                    per_device_train_batch_size=32, seed=42, text_column=None, label_column="label", save_model=False) -> dict:
@@ -308,7 +300,7 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
     save_model also writes the fine-tuned classifier and tokenizer to OUTPUT_DIR (all at once, config.json last),
     e.g. to time it or to predict with it later.
     """
-    from .export import write_atomically
+    from .export import write_atomically, write_json_atomically
     from transformers import (
         DataCollatorWithPadding,
         Trainer,
@@ -378,7 +370,7 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
 
         results["saved_model"] = str(output_dir)
         write_atomically(output_dir, write)
-    _write_json(output_dir / "eval_results.json", results)
+    write_json_atomically(output_dir / "eval_results.json", results)
     return results
 
 

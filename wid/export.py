@@ -103,6 +103,16 @@ def write_atomically(output_dir, write) -> Path:
     return output_dir
 
 
+def write_json_atomically(path, data: dict) -> Path:
+    """Write `data` as indented JSON to `path` through a temporary file, so that a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def save_student(student, output_dir, tokenizer=None, summary: dict | None = None) -> Path:
     """Write a folded student (and tokenizer, and a JSON summary) so that it appears all at once."""
 

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import wid_kernels
+from wid.speed import device_name
 
 # Denormals otherwise dominate optimizer time on the CPU. Switched on at import, before torch starts its
 # worker threads (new threads inherit the caller's floating-point mode), and again before every test.
@@ -234,19 +235,6 @@ def assert_compiled(provider: str) -> None:
     if provider == "torch_compile":
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert graphs >= 1, "torch.compile captured no graph"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def record(benchmark, *, op: str, provider: str, case: Case, device: torch.device, shape=None, dtype=None,

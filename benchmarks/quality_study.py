@@ -132,7 +132,7 @@ def render(args, summaries, scores, attention, costs, seconds: float) -> str:
     import torch
     import transformers
 
-    from benchmarks.conftest import device_name
+    from wid.speed import device_name
 
     first = next(iter(summaries.values()))
     metric = "accuracy"

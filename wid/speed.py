@@ -118,7 +118,7 @@ def measure_speed(model_dirs, batch_size: int = 32, seq_len: int = 128, dtype: s
         })
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": _device_name(target),
+        "device": device_name(target),
         "torch": torch.__version__,
         "dtype": dtype,
         "batch_size": batch_size,
@@ -129,9 +129,17 @@ def measure_speed(model_dirs, batch_size: int = 32, seq_len: int = 128, dtype: s
     }
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the threads torch uses (for result headers)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 

@@ -245,3 +245,32 @@ def test_summary_reports_the_students_spread(files, tmp_path):
     args, targs = _parse(distill_argv(files["teacher"], files["corpus"], tmp_path / "s"))
     summary = run_distillation(args, targs)
     assert summary["representation_spread_vs_teacher"] > 0
+
+
+def test_heldout_loss_is_the_cross_entropy_at_the_masked_positions():
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from wid.data import mlm_collator
+    from wid.distill import heldout_loss
+    from wid.teachers import default_teacher_path
+
+    from conftest import make_teacher
+
+    tokenizer = AutoTokenizer.from_pretrained(default_teacher_path())
+    model = make_teacher(vocab=len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(1000, 2000, (21, 11), generator=generator)
+    data = Dataset.from_dict({"input_ids": rows.tolist(), "special_tokens_mask": [[0] * 11] * 21})
+    collator = mlm_collator(tokenizer)
+    loss = heldout_loss(model, data, collator, batch_size=4, max_batches=3)
+    torch.manual_seed(1234)  # heldout_loss's masking seed: the same batches, scored on the full logits
+    total, count = 0.0, 0
+    for start in range(0, 12, 4):
+        batch = collator([data[i] for i in range(start, start + 4)])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits
+        masked = batch["labels"] != -100
+        total += float(torch.nn.functional.cross_entropy(logits[masked], batch["labels"][masked], reduction="sum"))
+        count += int(masked.sum())
+    assert count > 0 and loss == pytest.approx(total / count, rel=1e-5)

@@ -170,7 +170,8 @@ def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int,
 
 @torch.no_grad()
 def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: int = 8) -> float | None:
-    """Mean masked-LM loss on held-out sequences (fixed masking seed, so comparable across models)."""
+    """Mean masked-LM loss on held-out sequences (fixed masking seed, so comparable across models). The MLM
+    head runs on the masked positions only: the vocabulary projection is most of the work at every other one."""
     if dataset is None or len(dataset) == 0:
         return None
     model.eval()
@@ -182,10 +183,11 @@ def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: in
         for start in range(0, min(len(dataset), batch_size * max_batches), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            labels = batch["labels"]
-            total += float(torch.nn.functional.cross_entropy(logits[labels != -100].float(), labels[labels != -100], reduction="sum"))
-            count += int((labels != -100).sum())
+            hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+            masked = batch["labels"] != -100
+            logits = model.cls(hidden[masked])
+            total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"][masked], reduction="sum"))
+            count += int(masked.sum())
     finally:
         torch.random.set_rng_state(state)
     return total / max(count, 1)

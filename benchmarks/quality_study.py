@@ -128,7 +128,20 @@ def _fmt(value, digits=4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def render(args, summaries, scores, attention, costs, seconds: float) -> str:
+def measure_speeds(args, teacher: str, students: dict[str, str]) -> dict[str, dict] | None:
+    """{name: `wid speed` row} of the teacher and every student, timed side by side on this machine's CPU."""
+    from wid.speed import measure_speed
+
+    if args.speed_batch_size < 1:
+        return None
+    names = ["teacher", *students]
+    print(f"+ speed of {', '.join(names)} (CPU, batch {args.speed_batch_size} × {args.speed_seq_len})", flush=True)
+    result = measure_speed([teacher, *students.values()], batch_size=args.speed_batch_size, seq_len=args.speed_seq_len,
+                           device="cpu", rounds=args.speed_rounds)
+    return dict(zip(names, result["models"]))
+
+
+def render(args, summaries, scores, attention, costs, seconds: float, speeds: dict | None = None) -> str:
     import torch
     import transformers
 
@@ -139,15 +152,22 @@ def render(args, summaries, scores, attention, costs, seconds: float) -> str:
     task = scores["teacher"]["task"]
     header = ["model", "encoder params", "GFLOPs / 128-token seq", "held-out MLM loss", f"{task} accuracy", f"{task} F1",
               "attention cosine", "attention KL", "training time"]
+    if speeds:
+        header += [f"CPU sequences / s (batch {args.speed_batch_size})", "CPU speed-up"]
     rows = [["teacher (all heads, warmed-up MLM head)" if not args.teacher else f"teacher {args.teacher}",
              f"{costs['teacher'][0] / 1e6:.2f} M", f"{costs['teacher'][1] / 1e9:.2f}", _fmt(first["teacher_heldout_mlm_loss"]),
              _fmt(scores["teacher"].get(metric)), _fmt(scores["teacher"].get("f1")), "1 (itself)", "0 (itself)", "–"]]
+    names = ["teacher"]
     for method, summary in summaries.items():
         maps = attention.get(method, {})
         rows.append([f"{METHOD_NAMES.get(method, method)} (`--method {method}`)", f"{costs[method][0] / 1e6:.2f} M",
                      f"{costs[method][1] / 1e9:.2f}", _fmt(summary["student_heldout_mlm_loss"]),
                      _fmt(scores[method].get(metric)), _fmt(scores[method].get("f1")), _fmt(maps.get("mean_cosine"), 3),
                      _fmt(maps.get("mean_kl"), 3), f"{summary['seconds']:.0f} s"])
+        names.append(method)
+    if speeds:
+        for name, row in zip(names, rows):
+            row += [f"{speeds[name]['sequences_per_second']:.1f}", f"{speeds[name]['speedup_vs_first']:.2f}×"]
     uniform = next(iter(attention.values()), {})
     widths = first["student_widths"]
     evaluation = scores["teacher"]
@@ -165,6 +185,9 @@ def render(args, summaries, scores, attention, costs, seconds: float) -> str:
         f"- Attention: mean over layers and heads on {uniform.get('texts', '?')} held-out passages ({uniform.get('query_rows', '?')} "
         f"query rows); for scale, uniform attention scores cosine {_fmt(uniform.get('uniform_mean_cosine'), 3)}, "
         f"KL {_fmt(uniform.get('uniform_mean_kl'), 3)}. Figures: `{args.output_dir}/attention/*.png`.",
+        *([f"- Speed: `wid speed` of every encoder on the same random token ids, {args.speed_batch_size} × "
+           f"{args.speed_seq_len} tokens, fp32, this machine's CPU, median of {args.speed_rounds} interleaved rounds "
+           "(measured at each invocation)."] if speeds else []),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -205,6 +228,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_learning_rate", type=float, default=1e-4)
     parser.add_argument("--attention_texts", type=int, default=16)
     parser.add_argument("--attention_max_seq_length", type=int, default=128)
+    parser.add_argument("--speed_batch_size", type=int, default=32, help="inference timing batch (0: no timing)")
+    parser.add_argument("--speed_seq_len", type=int, default=128)
+    parser.add_argument("--speed_rounds", type=int, default=10)
     parser.add_argument("distill_args", nargs="*", help="after --: more `wid distill` options for every student")
     args = parser.parse_args(argv)
 
@@ -228,7 +254,8 @@ def main(argv=None) -> None:
     for name, path in {"teacher": teacher, **students}.items():
         config = AutoConfig.from_pretrained(path)
         costs[name] = (encoder_parameters(config), encoder_flops(config, 128))
-    text = render(args, summaries, scores, attention, costs, time.time() - started)
+    speeds = measure_speeds(args, teacher, students)
+    text = render(args, summaries, scores, attention, costs, time.time() - started, speeds)
     print(text)
     from benchmarks.report import write_section
 

@@ -27,7 +27,8 @@ def test_study_writes_a_row_per_model_and_resumes(tmp_path):
     argv = ["--output_dir", str(tmp_path / "study"), "--report", str(report), "--teacher", str(teacher), "--corpus", str(corpus),
             "--max_steps", "4", "--head_warmup_steps", "2", "--train_file", str(train), "--validation_file", str(validation),
             "--eval_train_samples", "40", "--eval_epochs", "1", "--eval_max_seq_length", "16", "--attention_texts", "2",
-            "--attention_max_seq_length", "32", "--", "--max_seq_length", "32", "--per_device_train_batch_size", "4"]
+            "--attention_max_seq_length", "32", "--speed_batch_size", "2", "--speed_seq_len", "16", "--speed_rounds", "2",
+            "--", "--max_seq_length", "32", "--per_device_train_batch_size", "4"]
     quality_study.main(argv)
     text = report.read_text()
     for label in ("teacher", "`--method wid`", "`--method kd`", "`--method mlm`", "`--method prune`"):
@@ -35,6 +36,10 @@ def test_study_writes_a_row_per_model_and_resumes(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "method" in line]
     params = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in rows}
     assert len(set(params.values())) == 1, "every method must produce the same student shape"
+    header = next(line for line in text.splitlines() if line.startswith("| model |")).split("|")
+    assert header[-3].strip() == "CPU sequences / s (batch 2)" and header[-2].strip() == "CPU speed-up"
+    teacher_row = next(line for line in text.splitlines() if line.startswith("| teacher")).split("|")
+    assert teacher_row[-2].strip() == "1.00×" and float(teacher_row[-3]) > 0
     for method in ("wid", "kd", "mlm", "prune"):
         summary = json.loads((tmp_path / "study" / method / "wid_summary.json").read_text())
         assert summary["method"] == method and summary["student_widths"]["hidden"] == 6

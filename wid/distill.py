@@ -47,7 +47,7 @@ class DistillArguments:
     target_intermediate: int | None = field(default=None, metadata={"help": "student FFN width"})
     target_heads: int | None = field(default=None, metadata={"help": "student heads (strategy=head)"})
     strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
-    alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster)"})
+    alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster; try a ~10x lower --compactor_lr, see benchmarks/QUALITY.md)"})
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
     w_step: int | None = field(default=None, metadata={"help": "steps between mask updates (default 500, fitted to max_steps)"})
     penalty: float = field(default=20.0, metadata={"help": "λ of the update rule"})

@@ -109,17 +109,17 @@ def evaluate_all(args, models: dict[str, str], root: Path) -> dict[str, dict]:
 
 def compare_all(args, teacher: str, students: dict[str, str], root: Path) -> dict[str, dict]:
     from wid.attention import compare_attention
+    from wid.export import write_json_atomically
 
     results = {}
     for name, student_dir in students.items():
         done = root / "attention" / f"{name}.json"
         if not done.exists():
             print(f"+ attention {name}", flush=True)
-            done.parent.mkdir(parents=True, exist_ok=True)
             figure = root / "attention" / f"{name}.png"
             report = compare_attention(teacher, student_dir, output=figure, num_texts=args.attention_texts,
                                        max_seq_length=args.attention_max_seq_length)
-            done.write_text(json.dumps(report, indent=2) + "\n")
+            write_json_atomically(done, report)  # its presence marks the step done
         results[name] = json.loads(done.read_text())
     return results
 

@@ -13,7 +13,6 @@ the numbers as a baseline, so that a score can be read as "far better than atten
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import os
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from .export import plain_model_config, quiet_transformers, write_json_atomically
 
 DEFAULT_NUM_TEXTS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -42,32 +43,14 @@ class AttentionMaps(NamedTuple):
     key_mask: torch.Tensor
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide load reports and progress bars: loading an encoder out of a masked-LM folder is expected here."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def load_encoder(model_dir, role: str = "model"):
     """The BERT encoder in `model_dir` (a BertModel or BertForMaskedLM folder), set up to return attentions."""
     from transformers import AutoModel
 
-    from .export import plain_model_config
-
     path = Path(model_dir)
     plain_model_config(path, AttentionComparisonError, role)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModel.from_pretrained(path, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
         raise AttentionComparisonError(f"cannot load the {role} in {path} ({type(exc).__name__}); pass a BertModel or BertForMaskedLM folder") from None
@@ -83,7 +66,7 @@ def load_shared_tokenizer(teacher_dir, student_dir):
         if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
             continue  # AutoTokenizer would build an empty tokenizer from config.json alone
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 tokenizers[role] = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - broken tokenizer files
             raise AttentionComparisonError(f"cannot load the {role} tokenizer in {path} ({type(exc).__name__}); save a working tokenizer there") from None
@@ -333,8 +316,6 @@ def main(argv=None) -> int:
         raise AttentionComparisonError(f"--max_seq_length is {args.max_seq_length}; pass at least 2")
     report = compare_attention(args.teacher_dir, args.student_dir, output=args.output, max_seq_length=args.max_seq_length, num_texts=args.num_texts)
     if args.json:
-        from .export import write_json_atomically
-
         write_json_atomically(args.json, report)
     print(format_report(report))
     return 0

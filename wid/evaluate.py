@@ -260,7 +260,9 @@ def check_model_dir(model_dir):
 
 
 def _load_model(model_dir, config, label_names):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .export import quiet_transformers
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -272,16 +274,13 @@ def _load_model(model_dir, config, label_names):
     else:
         labels = {"num_labels": len(label_names), "problem_type": "single_label_classification",
                   "id2label": dict(enumerate(label_names)), "label2id": {name: index for index, name in enumerate(label_names)}}
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the new head is reported missing by design; other gaps are checked below
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **labels)
+        with quiet_transformers():  # the new head is reported missing by design; other gaps are checked below
+            model, loading = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **labels)
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
         raise EvaluationError(f"cannot load {model_dir} for sequence classification ({reason}); "
                               f"pass a complete {config.model_type} model folder") from None
-    finally:
-        logging.set_verbosity(verbosity)
     missing = [key for key in loading["missing_keys"] if not key.startswith(NEW_HEAD_PREFIXES) and ".pooler." not in f".{key}"]
     if missing:
         raise EvaluationError(f"the weights in {model_dir} lack part of the encoder ({', '.join(missing[:3])}, ...); "

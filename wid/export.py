@@ -6,6 +6,7 @@ last, so a killed run never leaves something `from_pretrained` would load half-w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,23 @@ def _read_weights(path: Path) -> dict:
         raise CheckpointError(f"cannot read the weights in {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
                               "incomplete: use an earlier checkpoint") from None
     raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin; pass a checkpoint-N folder written by wid distill")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' load reports and progress bars while loading a plain folder into another class
+    (an encoder out of a masked-LM folder, a classifier with a new head): the gaps are expected there."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def plain_model_config(model_dir, error=CheckpointError, role: str = "model"):

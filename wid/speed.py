@@ -35,19 +35,16 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load_encoder(model_dir, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModel, logging
+    from transformers import AutoModel
 
-    from .export import plain_model_config
+    from .export import plain_model_config, quiet_transformers
 
     config = plain_model_config(model_dir, SpeedError)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # an MLM head or pooler left out of AutoModel is reported as unused by design
     try:
-        model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+        with quiet_transformers():  # an MLM head left out of AutoModel is reported as unused by design
+            model = AutoModel.from_pretrained(model_dir, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
         raise SpeedError(f"cannot load {model_dir} with AutoModel ({type(exc).__name__}); pass a complete model folder") from None
-    finally:
-        logging.set_verbosity(verbosity)
     return config, model.to(device).eval()
 
 

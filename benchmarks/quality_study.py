@@ -35,7 +35,9 @@ def distill_argv(args, method: str, output_dir: Path) -> list[str]:
     """`wid distill` options of one student: the default run's settings, then this study's overrides."""
     from wid.distill import DEFAULT_RUN
 
-    settings = dict(DEFAULT_RUN, head_warmup_steps=args.head_warmup_steps or DEFAULT_RUN["head_warmup_steps"])
+    settings = dict(DEFAULT_RUN)
+    if args.head_warmup_steps is not None:
+        settings["head_warmup_steps"] = args.head_warmup_steps
     if args.max_steps:
         settings["max_steps"] = args.max_steps
     argv = ["--method", method, "--output_dir", str(output_dir), "--seed", str(args.seed), "--disable_tqdm", "true"]
@@ -58,21 +60,6 @@ def run_logged(command: list[str], log: Path) -> None:
         sys.exit(f"quality_study.py: step failed (exit {done.returncode}); last lines of {log}:\n" + "\n".join(tail))
 
 
-def _reuse_head_warmup(root: Path, methods: list[str], student: Path) -> None:
-    """Give a student run the head warm-up another method already did: same teacher, data, seed and steps, so
-    the same result (`wid distill` loads a finished warm-up from OUTPUT_DIR/checkpoints/head-warmup)."""
-    import shutil
-
-    for method in methods:
-        done = root / method / "checkpoints" / "head-warmup"
-        if (done / "config.json").exists() and done.parent.parent != student:
-            target = student / "checkpoints" / "head-warmup"
-            if not (target / "config.json").exists():
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(done, target)
-            return
-
-
 def distill_students(args, root: Path) -> dict[str, dict]:
     """{method: wid_summary.json} of every student, training the missing ones."""
     summaries = {}
@@ -81,7 +68,6 @@ def distill_students(args, root: Path) -> dict[str, dict]:
         summary_file = student / "wid_summary.json"
         if not summary_file.exists():
             started = time.time()
-            _reuse_head_warmup(root, args.methods, student)
             run_logged([sys.executable, "-m", "wid.cli", "distill", *distill_argv(args, method, student),
                         "--overwrite_output_dir", "true"], root / f"distill-{method}.log")
             print(f"  {method}: {time.time() - started:.0f} s", flush=True)
@@ -151,19 +137,20 @@ def render(args, summaries, scores, attention, costs, seconds: float, speeds: di
     metric = "accuracy"
     task = scores["teacher"]["task"]
     header = ["model", "encoder params", "GFLOPs / 128-token seq", "held-out MLM loss", f"{task} accuracy", f"{task} F1",
-              "attention cosine", "attention KL", "training time"]
+              "attention cosine", "attention KL", "spread vs teacher", "masked compactor fraction at cut", "training time"]
     if speeds:
         header += [f"CPU sequences / s (batch {args.speed_batch_size})", "CPU speed-up"]
-    rows = [["teacher (all heads, warmed-up MLM head)" if not args.teacher else f"teacher {args.teacher}",
+    rows = [["teacher (all heads, its MLM head as in the notes)" if not args.teacher else f"teacher {args.teacher}",
              f"{costs['teacher'][0] / 1e6:.2f} M", f"{costs['teacher'][1] / 1e9:.2f}", _fmt(first["teacher_heldout_mlm_loss"]),
-             _fmt(scores["teacher"].get(metric)), _fmt(scores["teacher"].get("f1")), "1 (itself)", "0 (itself)", "–"]]
+             _fmt(scores["teacher"].get(metric)), _fmt(scores["teacher"].get("f1")), "1 (itself)", "0 (itself)", "1 (itself)", "–", "–"]]
     names = ["teacher"]
     for method, summary in summaries.items():
         maps = attention.get(method, {})
         rows.append([f"{METHOD_NAMES.get(method, method)} (`--method {method}`)", f"{costs[method][0] / 1e6:.2f} M",
                      f"{costs[method][1] / 1e9:.2f}", _fmt(summary["student_heldout_mlm_loss"]),
                      _fmt(scores[method].get(metric)), _fmt(scores[method].get("f1")), _fmt(maps.get("mean_cosine"), 3),
-                     _fmt(maps.get("mean_kl"), 3), f"{summary['seconds']:.0f} s"])
+                     _fmt(maps.get("mean_kl"), 3), _fmt(summary.get("representation_spread_vs_teacher"), 3),
+                     _fmt(summary.get("masked_compactor_fraction_at_cut"), 3), f"{summary['seconds']:.0f} s"])
         names.append(method)
     if speeds:
         for name, row in zip(names, rows):
@@ -177,6 +164,7 @@ def render(args, summaries, scores, attention, costs, seconds: float, speeds: di
         f"- Command: `{shlex.join(getattr(sys, 'orig_argv', sys.argv))}` (this invocation: {seconds / 60:.0f} min; steps found "
         f"finished in its output folder are reused, not re-run; fine-tuning + scoring took {_eval_minutes(scores):.0f} min in all)",
         f"- Students: hidden {widths['hidden']} ({widths['heads']} heads), FFN {widths['intermediate']}, {widths['layers']} layers; "
+        f"teacher MLM head: {first.get('teacher_mlm_head', 'n/a')}; "
         f"{first['head_warmup_steps']} head warm-up steps (all methods) + {max(s['steps'] for s in summaries.values())} "
         f"training steps (prune: none), batch {args.batch_size}, seed {args.seed}; settings: `wid distill {shlex.join(distill_argv(args, 'METHOD', Path('OUT')))}`",
         f"- Held-out MLM loss: {_heldout_note(args)}; {task}: fine-tuned {evaluation['num_train_epochs']:g} epoch(s) on "

@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cpu(const at::Tensor& dy,
 
 template <typename T>
 void adamw_tensor(const AdamwItem& it, double lr, double beta1, double beta2, double eps, double decay, double pen_lo,
-                  double pen_hi, bool masks_active, bool has_extra) {
+                  double pen_hi, bool masks_active, bool has_extra, bool authors_rule) {
   // fp64 arithmetic for every storage dtype: the step is memory-bound on the CPU, and the update
   // p·decay − lr·m/(√v+eps) often cancels (|result| ≪ |p|), where fp32 without FMA loses digits
   // that the reference's FMA-vectorised ATen kernels keep.
@@ -296,6 +296,10 @@ void adamw_tensor(const AdamwItem& it, double lr, double beta1, double beta2, do
               decay_ = decay, lo = pen_lo, hi = pen_hi;
   const int64_t cols = it.cols, numel = it.p.numel();
   const bool by_row = it.by_row, add_param = it.add_param;
+  // authors' rule: a tensor under the rule (it has a keep mask) gets the pre-step injection, which
+  // decays its whole first moment once more; the additive variant adds the injection to AdamW's update
+  const bool pre_inject = masks_active && has_extra && authors_rule && keep;
+  const bool post_inject = masks_active && has_extra && !authors_rule;
   at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {  // walk row by row so the keep index needs no division per element
@@ -312,10 +316,13 @@ void adamw_tensor(const AdamwItem& it, double lr, double beta1, double beta2, do
         } else {
           g = add_param ? gv + pv : gv;
         }
-        acc_t mv = b1 * static_cast<acc_t>(m[i]) + one_b1 * g;
-        if (masks_active && has_extra && !kept) mv += one_b1 * (hi * pv);
+        acc_t mv = static_cast<acc_t>(m[i]);
+        if (pre_inject) mv = b1 * mv + (kept ? 0.0 : one_b1 * (hi * pv));
+        mv = b1 * mv + one_b1 * g;
+        if (post_inject && !kept) mv += one_b1 * (hi * pv);
         const acc_t vv = b2 * static_cast<acc_t>(v[i]) + one_b2 * g * g;
-        p[i] = static_cast<T>(pv * decay_ - lr_ * (mv / (std::sqrt(vv) + eps_)));
+        const acc_t step = lr_ * (mv / (std::sqrt(vv) + eps_));
+        p[i] = static_cast<T>(authors_rule ? (pv - step) * decay_ : pv * decay_ - step);
         m[i] = static_cast<T>(mv);
         v[i] = static_cast<T>(vv);
       }
@@ -326,14 +333,14 @@ void adamw_tensor(const AdamwItem& it, double lr, double beta1, double beta2, do
 void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                const c10::List<c10::optional<at::Tensor>>& keeps, at::IntArrayRef keep_axes,
                const c10::List<bool>& is_compactor, double lr, double beta1, double beta2, double eps,
-               double weight_decay, double penalty, bool masks_active) {
+               double weight_decay, double penalty, bool masks_active, bool authors_rule) {
   auto items = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, masks_active);
   const double decay = weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0;
   for (const auto& it : items) {
     TORCH_CHECK(it.p.device().is_cpu(), "wid_adamw_step (CPU kernel): tensor on ", it.p.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, it.p.scalar_type(), "wid_adamw_step_cpu", [&] {
       adamw_tensor<scalar_t>(it, lr, beta1, beta2, eps, decay, std::min(penalty, 1.0), penalty - 1.0, masks_active,
-                             penalty > 1.0);
+                             penalty > 1.0, authors_rule);
     });
   }
 }
@@ -354,7 +361,7 @@ TORCH_LIBRARY(wid_kernels, m) {
   m.def(
       "wid_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor?[] keeps, int[] keep_axes, bool[] is_compactor, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float penalty, bool masks_active) -> ()");
+      "float weight_decay, float penalty, bool masks_active, bool authors_rule=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(wid_kernels, CPU, m) {

@@ -344,7 +344,7 @@ static_assert(sizeof(AdamwBatch) + 128 <= 4096, "kernel parameters must fit in 4
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kAdamThreads)
     adamw_kernel(AdamwBatch b, A lr, A beta1, A beta2, A eps, A decay, A pen_lo, A pen_hi, bool masks_active,
-                 bool has_extra) {
+                 bool has_extra, bool authors_rule) {
   const int t = b.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(b.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = b.numel[t] < start + kChunk ? b.numel[t] : start + kChunk;
@@ -357,6 +357,10 @@ __global__ void __launch_bounds__(kAdamThreads)
   const bool by_row = flags & kByRow, add_param = flags & kAddParam;
   const int64_t cols = b.cols[t];
   const A one_b1 = A(1) - beta1, one_b2 = A(1) - beta2;
+  // authors' rule: tensors under the rule get the pre-step injection (their whole first moment decays
+  // once more); the additive variant adds the injection to AdamW's own update
+  const bool pre_inject = masks_active && has_extra && authors_rule && keep;
+  const bool post_inject = masks_active && has_extra && !authors_rule;
 
   for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < end;
        i += static_cast<int64_t>(blockDim.x) * V) {
@@ -388,10 +392,13 @@ __global__ void __launch_bounds__(kAdamThreads)
       } else {
         g = add_param ? ga + pa : ga;
       }
-      A ma = beta1 * static_cast<A>(mv[k]) + one_b1 * g;
-      if (masks_active && has_extra && !kept) ma += one_b1 * (pen_hi * pa);
+      A ma = static_cast<A>(mv[k]);
+      if (pre_inject) ma = beta1 * ma + (kept ? A(0) : one_b1 * (pen_hi * pa));
+      ma = beta1 * ma + one_b1 * g;
+      if (post_inject && !kept) ma += one_b1 * (pen_hi * pa);
       const A va = beta2 * static_cast<A>(vv[k]) + one_b2 * g * g;
-      pv[k] = static_cast<T>(pa * decay - lr * (ma / (sqrt(va) + eps)));
+      const A step = lr * (ma / (sqrt(va) + eps));
+      pv[k] = static_cast<T>(authors_rule ? (pa - step) * decay : pa * decay - step);
       mv[k] = static_cast<T>(ma);
       vv[k] = static_cast<T>(va);
       if (++col == cols) {
@@ -418,7 +425,7 @@ __global__ void __launch_bounds__(kAdamThreads)
 
 template <typename T>
 void adamw_launch_all(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
-                      double decay, double penalty, bool masks_active, cudaStream_t stream) {
+                      double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   constexpr int kVec = 16 / sizeof(T);
   bool aligned = true;
@@ -431,7 +438,7 @@ void adamw_launch_all(const std::vector<const AdamwItem*>& items, double lr, dou
       adamw_kernel<T, A, V><<<n_blocks, kAdamThreads, 0, stream>>>(
           batch, static_cast<A>(lr), static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps),
           static_cast<A>(decay), static_cast<A>(std::min(penalty, 1.0)), static_cast<A>(penalty - 1.0), masks_active,
-          penalty > 1.0);
+          penalty > 1.0, authors_rule);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   };
@@ -481,7 +488,7 @@ void adamw_launch_all(const std::vector<const AdamwItem*>& items, double lr, dou
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 const c10::List<c10::optional<at::Tensor>>& keeps, at::IntArrayRef keep_axes,
                 const c10::List<bool>& is_compactor, double lr, double beta1, double beta2, double eps,
-                double weight_decay, double penalty, bool masks_active) {
+                double weight_decay, double penalty, bool masks_active, bool authors_rule) {
   auto items = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, masks_active);
   if (items.empty()) return;
   const at::Device device = items[0].p.device();
@@ -496,7 +503,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& entry : by_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, entry.first, "wid_adamw_step_cuda", [&] {
-      adamw_launch_all<scalar_t>(entry.second, lr, beta1, beta2, eps, decay, penalty, masks_active, stream);
+      adamw_launch_all<scalar_t>(entry.second, lr, beta1, beta2, eps, decay, penalty, masks_active, authors_rule, stream);
     });
   }
 }

@@ -42,13 +42,13 @@ def distill(argv) -> int:
             args.preset = DEFAULT_RUN["preset"]
         if args.w_step is None:
             args.w_step = DEFAULT_RUN["w_step"]
-        if args.head_warmup_steps is None:
-            args.head_warmup_steps = DEFAULT_RUN["head_warmup_steps"]
         for name in ("compactor_lr", "teacher_lr"):
             if not _given(argv, name):
                 setattr(args, name, DEFAULT_RUN[name])
     if not _given(argv, "report_to"):
         defaults["report_to"] = "none"
+    if not _given(argv, "max_grad_norm"):
+        defaults["max_grad_norm"] = 0.0  # the authors do not clip (the Trainer's own default is 1.0)
     if not _given(argv, "save_steps") and not _given(argv, "save_strategy"):
         defaults["save_steps"] = 500
     if defaults:

@@ -15,6 +15,8 @@ from .architecture import TeacherDims
 STRATEGIES = ("dim", "head")
 ALIGNMENTS = ("mask", "tied")
 CRITERIA = ("representative", "group")
+UPDATE_RULES = ("authors", "additive")  # wid_kernels.reference.wid_adamw_step says what each computes
+ROUNDINGS = ("authors", "ceil")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,27 @@ PRESETS = {
 }
 
 
+def per_head_cut_after(cut: int, updates: int, length: int, rounding: str) -> int:
+    """Channels cut from each head after `updates` mask updates (dim strategy, H and A_l), of `cut` in all.
+
+    "authors": a fixed max(1, cut // length) more per update until `cut` (their trainer adds
+    int(cut/8) per update, so WID55's 21 per head takes 11 updates of 2, not 8; the max(1, ·) is ours:
+    with fewer than `length` channels to cut theirs would never cut). "ceil": ceil(cut·updates/length).
+    """
+    if cut <= 0 or updates <= 0:
+        return 0
+    if rounding == "authors":
+        return min(cut, updates * max(1, cut // length))
+    return -(-cut * min(updates, length) // length)
+
+
+def updates_to_cut(cut: int, length: int, rounding: str) -> int:
+    """Mask updates until `per_head_cut_after` reaches `cut`."""
+    if cut <= 0:
+        return 0
+    return -(-cut // max(1, cut // length)) if rounding == "authors" else length
+
+
 def _round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
@@ -48,6 +71,8 @@ class WIDConfig:
     strategy: str = "dim"
     alignment: str = "mask"
     criterion: str = "representative"
+    update_rule: str = "authors"  # authors: their optimizer numerics; additive: this package's earlier variant
+    schedule_rounding: str = "authors"  # authors: their per-update counts; ceil: even growth, rounded up
     w_step: int = 500  # steps between mask updates
     penalty: float = 20.0  # λ of the update rule
     hidden_updates: int = 8  # mask updates until H reaches its target (dim strategy)
@@ -65,7 +90,8 @@ class WIDConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
-        for name, allowed in (("strategy", STRATEGIES), ("alignment", ALIGNMENTS), ("criterion", CRITERIA)):
+        for name, allowed in (("strategy", STRATEGIES), ("alignment", ALIGNMENTS), ("criterion", CRITERIA),
+                              ("update_rule", UPDATE_RULES), ("schedule_rounding", ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(allowed)}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -165,7 +191,9 @@ class WIDConfig:
     def mask_updates_to_target(self, dims: TeacherDims) -> int:
         """How many mask updates the schedule needs before every group sits at its target."""
         if self.strategy == "dim":
-            stream = max(self.hidden_updates, self.attention_updates)
+            cut = dims.head_dim - self.student_head_dim()
+            stream = max(updates_to_cut(cut, self.hidden_updates, self.schedule_rounding),
+                         updates_to_cut(cut, self.attention_updates, self.schedule_rounding))
         else:
             stream = self.updates_per_head * (dims.heads - self.target_heads)
         return max(stream, self.intermediate_updates, self.mlm_updates)

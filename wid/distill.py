@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,16 @@ from .compactors import attach
 from .config import WIDConfig
 from .export import fold_trained, save_student, write_atomically
 from .fold import fold
-from .masks import at_target, masked_entry_fraction, masked_entry_norm
-from .training import MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, fit_w_step, flush_denormals, penalty_budget_notice
+from .masks import at_target, masked_compactor_fraction, masked_entry_norm
+from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, compactor_lr_after, fit_w_step, flush_denormals,
+                       penalty_budget_notice, warmup_steps_for)
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (about 10 minutes).
 # Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The compactors keep the paper's
 # learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the student to a
 # constant output, while at 5e-5 the cut is lossy but the student fine-tunes close to the baselines and has
 # the attention closest to the teacher's (benchmarks/QUALITY.md; README, "The built-in default run").
-DEFAULT_RUN = dict(preset="half", max_steps=160, head_warmup_steps=80, per_device_train_batch_size=16, w_step=6,
+DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16, w_step=6,
                    logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-5, learning_rate=1e-4)
 
 
@@ -49,6 +51,10 @@ class DistillArguments:
     strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
     alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster; try a ~10x lower --compactor_lr, see benchmarks/QUALITY.md)"})
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
+    update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
+                                                                  "first-moment injection without its extra decay)"})
+    schedule_rounding: str = field(default="authors", metadata={"help": "authors (their pruned counts per mask update) | "
+                                                                        "ceil (even growth, rounded up)"})
     w_step: int | None = field(default=None, metadata={"help": "steps between mask updates (default 500, fitted to max_steps)"})
     penalty: float = field(default=20.0, metadata={"help": "λ of the update rule"})
     hidden_updates: int = field(default=8, metadata={"help": "mask updates until H reaches its target (dim)"})
@@ -116,6 +122,8 @@ def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: s
         strategy=args.strategy,
         alignment=args.alignment,
         criterion=args.criterion,
+        update_rule=args.update_rule,
+        schedule_rounding=args.schedule_rounding,
         w_step=args.w_step or 500,
         penalty=args.penalty,
         hidden_updates=args.hidden_updates,
@@ -143,29 +151,42 @@ def _last_loss(trainer) -> float | None:
     return float(losses[-1]) if losses else None
 
 
-def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int, lr: float, output_dir: Path):
-    """Train only the MLM head (transform + decoder bias; encoder and tied decoder frozen)."""
-    done = output_dir / "head-warmup"
-    if (done / "config.json").exists():
-        from safetensors.torch import load_file
+def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int, lr: float, output_dir: Path,
+                 cache_key: str | None = None):
+    """Train only the MLM head (transform + decoder bias; encoder and tied decoder frozen): (final loss, source).
 
-        model.load_state_dict(load_file(str(done / "model.safetensors")), strict=False)
-        return None
+    A finished warm-up is kept in the user's cache (wid.mlm_head.cache_dir) under `cache_key`, which names the
+    teacher's weights, the corpus and the settings, and is reused only on an exact match; only the head's own
+    tensors are stored, so a cached head can never replace a teacher's encoder."""
+    from .mlm_head import cache_dir, read_head, load_head_state, save_head
+
+    cached = cache_dir() / "heads" / f"{cache_key}.safetensors" if cache_key else None
+    found = read_head(cached, cache_key) if cached else None
+    if found is not None:
+        load_head_state(model, found[0])
+        return found[1].get("final_loss"), f"warmed up {steps} steps (cached: {cached})"
     head = model.cls.predictions
     trainable = {id(p) for p in head.transform.parameters()} | {id(head.bias)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
-    warm_args = _trainer_args(args, output_dir=str(done) + ".run", max_steps=steps, learning_rate=lr, save_strategy="no",
-                              remove_unused_columns=False, resume_from_checkpoint=None,
+    warm_args = _trainer_args(args, output_dir=str(output_dir / "head-warmup.run"), max_steps=steps, learning_rate=lr,
+                              save_strategy="no", remove_unused_columns=False, resume_from_checkpoint=None,
                               warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0)
     trainer = MaskedLMTrainer(model=model, args=warm_args, train_dataset=dataset, data_collator=default_data_collator,
                               processing_class=tokenizer)
     trainer.train()
     for param in model.parameters():
         param.requires_grad_(True)
-    if trainer.is_world_process_zero():
-        write_atomically(done, lambda tmp: model.save_pretrained(tmp))
-    return _last_loss(trainer)
+    loss = _last_loss(trainer)
+    if cached and trainer.is_world_process_zero():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            save_head(model, tmp, cache_key, dict(steps=steps, lr=lr, final_loss=loss))
+            tmp.replace(cached)
+        except OSError:  # a read-only cache only costs the next run the warm-up
+            pass
+    return loss, f"warmed up {steps} steps"
 
 
 @torch.no_grad()
@@ -217,7 +238,8 @@ def representation_spread(model, dataset, count: int = 64, batch_size: int = 16)
 def run_distillation(args: DistillArguments, training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole run; returns the summary (also written to output_dir/wid_summary.json)."""
     from .data import build_mlm_dataset, mlm_collator, resolve_corpus
-    from .teachers import default_teacher_path
+    from .mlm_head import load_shipped_head, warmup_key
+    from .teachers import DEFAULT_TEACHER_NAME, default_teacher_path
 
     started = time.time()
     if not torch.cuda.is_available() or training_args.use_cpu:
@@ -248,10 +270,24 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     checkpoints = output_dir / "checkpoints"
     notices = []
 
+    head_source = "the teacher's own"
+    if not has_head:
+        shipped = load_shipped_head(model, teacher_name, DEFAULT_TEACHER_NAME)
+        if shipped is not None:
+            has_head = True
+            head_source = (f"shipped with wid (wid/heads/{DEFAULT_TEACHER_NAME}.safetensors; held-out MLM loss "
+                           f"{shipped['heldout_mlm_loss']:.2f})")
+        else:
+            head_source = "new (identity transform, tied decoder)"
     warmup_steps = args.head_warmup_steps if args.head_warmup_steps is not None else (0 if has_head else max(10, training_args.max_steps // 5))
     warmup_loss = None
     if warmup_steps > 0:
-        warmup_loss = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints)
+        key = warmup_key(teacher_name, resolve_corpus(args.corpus), dict(
+            steps=warmup_steps, lr=args.head_warmup_lr, seed=training_args.seed, seq_len=args.max_seq_length,
+            batch=training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size,
+            head=head_source))
+        warmup_loss, how = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints, key)
+        head_source = f"{head_source}, {how}"
     teacher_heldout = heldout_loss(model, heldout, collator)
     probe = heldout if heldout is not None else dataset
     teacher_spread = representation_spread(model, probe)
@@ -282,12 +318,17 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         "steps": trainer.state.global_step if trainer is not None else 0,
         "head_warmup_steps": warmup_steps,
         "head_warmup_final_loss": warmup_loss,
+        "teacher_mlm_head": head_source,
         "final_mlm_loss": _last_loss(trainer) if trainer is not None else None,
         "teacher_heldout_mlm_loss": teacher_heldout,
         "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
         "representation_spread_vs_teacher": relative_spread,
         "schedule_reached_target_at_step": trained.get("target_step"),
         "masked_entry_norm_before_fold": trained.get("masked_norm"),
+        "masked_compactor_fraction_at_cut": trained.get("masked_fraction"),
+        "compactor_lr_after_target": trained.get("lr_after_target"),
+        "update_rule": config.update_rule,
+        "max_grad_norm": training_args.max_grad_norm,
         "max_logit_difference_fold": trained.get("difference"),
         "intermediate_students": trained.get("student_dirs", {}),
         "notices": notices,
@@ -300,8 +341,9 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
 
 def _main_phase_args(training_args, config: WIDConfig, output_dir: Path) -> TrainingArguments:
     """The Trainer settings of the main phase, the same for WID and the baselines (a fair budget)."""
-    return _trainer_args(training_args, output_dir=str(output_dir / "checkpoints"), warmup_steps=config.warmup_ratio,
-                         lr_scheduler_type="linear", logging_nan_inf_filter=False, remove_unused_columns=False)
+    return _trainer_args(training_args, output_dir=str(output_dir / "checkpoints"),
+                         warmup_steps=warmup_steps_for(config, training_args.max_steps), lr_scheduler_type="linear",
+                         logging_nan_inf_filter=False, remove_unused_columns=False)
 
 
 def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks) -> dict:
@@ -336,13 +378,18 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
     model.to("cpu").float()
     if not at_target(model):
         notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
-    left = masked_entry_fraction(model)
+    left = masked_compactor_fraction(model)
+    lr_after_target = compactor_lr_after(config, training_args.max_steps, config.steps_to_target(dims))
+    print(f"[wid] at the cut: masked compactor entries hold {left:.3g} of their initial size; cumulative compactor lr "
+          f"after the target {lr_after_target:.3g}")
     if left > 0.1:
         notices.append(f"the masked compactor entries still held {left:.0%} of their initial size at the cut (masked-entry norm "
-                       f"{masked_entry_norm(model):.3g}): the student lost what they carried; train longer after the target")
+                       f"{masked_entry_norm(model):.3g}, cumulative compactor lr after the target {lr_after_target:.3g}): "
+                       "the student lost what they carried; train longer after the target")
     student, masked_norm, difference = fold_trained(model)
     return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference,
-                target_step=config.steps_to_target(dims), student_dirs=student_dirs)
+                target_step=config.steps_to_target(dims), student_dirs=student_dirs, masked_fraction=left,
+                lr_after_target=lr_after_target)
 
 
 def _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks) -> dict:

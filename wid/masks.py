@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import TeacherDims
 from .compactors import HIDDEN, MLM, CompactedEmbeddingNorm, CompactedLinear, MaskedLayerNorm, WIDState, wid_state
-from .config import WIDConfig
+from .config import WIDConfig, per_head_cut_after
 
 
 @dataclass(frozen=True)
@@ -40,28 +40,31 @@ class MaskedParameter:
     is_compactor: bool
 
 
-def _linear_growth(total: int, updates: int, length: int) -> int:
-    """Pruned count after `updates` mask updates: ceil(total · min(updates, length) / length)."""
+def _linear_growth(total: int, updates: int, length: int, rounding: str = "ceil") -> int:
+    """Pruned count after `updates` mask updates: total · min(updates, length) / length, rounded down
+    ("authors": their trainer takes int(updates · total/16)) or up ("ceil")."""
     if total <= 0 or updates <= 0:
         return 0
     done = min(updates, length)
-    return -(-total * done // length)
+    return total * done // length if rounding == "authors" else -(-total * done // length)
 
 
 def kept_widths(config: WIDConfig, dims: TeacherDims, updates: int) -> KeptWidths:
     """The schedule: kept widths after `updates` mask updates (0 = nothing pruned yet)."""
     if not config.resolved:
         config = config.for_teacher(dims)
+    rounding = config.schedule_rounding
     if config.strategy == "dim":
-        per_head_cut = dims.head_dim - config.student_head_dim()
-        hidden = dims.heads * (dims.head_dim - _linear_growth(per_head_cut, updates, config.hidden_updates))
-        attention = dims.heads * (dims.head_dim - _linear_growth(per_head_cut, updates, config.attention_updates))
+        cut = dims.head_dim - config.student_head_dim()
+        hidden = dims.heads * (dims.head_dim - per_head_cut_after(cut, updates, config.hidden_updates, rounding))
+        attention = dims.heads * (dims.head_dim - per_head_cut_after(cut, updates, config.attention_updates, rounding))
     else:
         heads_cut = dims.heads - config.target_heads
         length = heads_cut * config.updates_per_head
-        hidden = attention = dims.head_dim * (dims.heads - _linear_growth(heads_cut, updates, length))
-    intermediate = dims.intermediate - _linear_growth(dims.intermediate - config.target_intermediate, updates, config.intermediate_updates)
-    mlm = dims.hidden - _linear_growth(dims.hidden - config.target_hidden, updates, config.mlm_updates)
+        hidden = attention = dims.head_dim * (dims.heads - _linear_growth(heads_cut, updates, length, rounding))
+    intermediate = dims.intermediate - _linear_growth(dims.intermediate - config.target_intermediate, updates,
+                                                      config.intermediate_updates, rounding)
+    mlm = dims.hidden - _linear_growth(dims.hidden - config.target_hidden, updates, config.mlm_updates, rounding)
     return KeptWidths(hidden=hidden, attention=attention, intermediate=intermediate, mlm=mlm)
 
 
@@ -221,27 +224,38 @@ def finalize(model) -> None:
         prune(model)
 
 
-@torch.no_grad()
-def masked_entry_norm(model) -> float:
-    """L2 norm of all masked entries: how far the fold is from exact (0 after `prune`)."""
+def _masked_squares(model, compactors_only: bool) -> tuple[float, int]:
+    """(sum of squares of the masked entries, number of masked compactor rows/columns)."""
     state = wid_state(model)
-    if not state.masks_active:
-        return float("nan")
     total = torch.zeros((), device=state.keep_hidden.device)
-    for item in masked_parameters(model):
-        drop = ~broadcast_keep(state.keep(item.group), item.param, item.dim)
-        total += (item.param.detach().float() * drop).square().sum()
-    return float(total.sqrt())
+    slices = 0
+    with torch.no_grad():
+        for item in masked_parameters(model):
+            if compactors_only and not item.is_compactor:
+                continue
+            keep = state.keep(item.group)
+            drop = ~broadcast_keep(keep, item.param, item.dim)
+            total += (item.param.detach().float() * drop).square().sum()
+            slices += int((~keep).sum()) if item.is_compactor else 0
+    return float(total), slices
 
 
-def masked_entry_fraction(model) -> float:
-    """`masked_entry_norm` relative to what the masked compactor entries held at the identity initialisation
-    (one 1 per masked row or column): ~0 when the penalty has done its work, ~1 when it has barely started."""
-    state = wid_state(model)
-    if not state.masks_active:
+def masked_entry_norm(model) -> float:
+    """L2 norm of all masked entries (compactors, biases, LayerNorms): how far the fold is from exact (0 after `prune`)."""
+    if not wid_state(model).masks_active:
         return float("nan")
-    slices = sum(int((~state.keep(item.group)).sum()) for item in masked_parameters(model) if item.is_compactor)
-    return masked_entry_norm(model) / max(slices, 1) ** 0.5
+    return _masked_squares(model, compactors_only=False)[0] ** 0.5
+
+
+def masked_compactor_fraction(model) -> float:
+    """The norm of the masked compactor entries over what they held at the identity initialisation (one 1 per
+    masked row or column): ~0 when the penalty has done its work, 1 when it has not started. Compactor entries
+    only, in numerator and denominator: masked biases and LayerNorms move at the teacher's learning rate and
+    are measured by `masked_entry_norm`."""
+    if not wid_state(model).masks_active:
+        return float("nan")
+    squares, slices = _masked_squares(model, compactors_only=True)
+    return (squares / max(slices, 1)) ** 0.5
 
 
 def current_widths(model) -> dict:

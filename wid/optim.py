@@ -3,12 +3,14 @@
 Before the first mask update every compactor gets a plain L2 pull: g = ∇L + p. Afterwards, for
 every masked parameter (compactors, and biases/LayerNorm of masked channels) with keep-mask m:
 
-    g = m ⊙ ∇L + (1 − m) ⊙ min(λ, 1) · p
-    exp_avg += (1 − β1) · (1 − m) ⊙ (λ − 1) · p      (only if λ > 1: the first-moment injection)
+    g = m ⊙ ∇L + (1 − m) ⊙ min(λ, 1) · p,   e = (1 − m) ⊙ (λ − 1) · p   (e only if λ > 1)
 
-then AdamW without bias correction: decoupled weight decay p ← p·(1 − lr·wd) (torch.optim.AdamW's
-order), exp_avg ← β1·exp_avg + (1−β1)·g, exp_avg_sq ← β2·exp_avg_sq + (1−β2)·g²,
-p ← p − lr · exp_avg / (√exp_avg_sq + eps).
+The default `update_rule="authors"` reproduces the authors' numerics: before AdamW's own step the
+first moment of every tensor under the rule becomes β1·exp_avg + (1−β1)·e; then AdamW without bias
+correction, exp_avg ← β1·exp_avg + (1−β1)·g, exp_avg_sq ← β2·exp_avg_sq + (1−β2)·g²,
+p ← p − lr · exp_avg / (√exp_avg_sq + eps), and weight decay last, p ← p·(1 − lr·wd).
+`update_rule="additive"` is this package's earlier reading (e added to AdamW's update in one decay,
+weight decay first); `wid_kernels.reference.wid_adamw_step` is the source of truth for both.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ class WIDAdamW(torch.optim.Optimizer):
     """AdamW (no bias correction) with the WID update rule for the parameters in `masked`."""
 
     def __init__(self, params, state: WIDState, masked: list[MaskedParameter], lr=5e-5, betas=(0.9, 0.999), eps=1e-6,
-                 weight_decay=0.0, penalty=20.0):
+                 weight_decay=0.0, penalty=20.0, update_rule="authors"):
         if lr < 0 or eps <= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
             raise ValueError(f"invalid WIDAdamW hyper-parameters lr={lr} betas={betas} eps={eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.penalty = float(penalty)
+        self.update_rule = update_rule
         object.__setattr__(self, "_wid", state)
         self._masked = {id(item.param): item for item in masked}
 
@@ -65,6 +68,7 @@ class WIDAdamW(torch.optim.Optimizer):
                 wid_kernels.wid_adamw_multi_tensor(
                     *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], penalty=self.penalty, masks_active=active,
+                    update_rule=self.update_rule,
                 )
         return loss
 
@@ -103,5 +107,6 @@ def build_optimizer(model, config=None) -> WIDAdamW:
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
         penalty=config.penalty,
+        update_rule=config.update_rule,
     )
 

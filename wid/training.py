@@ -189,22 +189,54 @@ class WIDScheduleCallback(TrainerCallback):
                 self.on_width(fraction, uniform_snapshot(model, uniform))
 
 
-def penalty_budget_notice(config, dims, steps: int) -> str | None:
-    """A warning when the steps left after the masks reach their target cannot drive the masked entries to zero.
+def warmup_steps_for(config, steps: int) -> int:
+    """The linear warm-up in steps: `warmup_ratio` of the run, rounded up. Passed to the Trainer as an int, which
+    means steps on every transformers version (a float `warmup_steps` is a ratio only from transformers 5 on)."""
+    return math.ceil(config.warmup_ratio * steps)
 
-    Adam moves an entry by at most about its learning rate per step, and a masked compactor entry starts
-    at 1 (identity), so it needs roughly 1 / compactor_lr steps of penalty; with fewer, the final cut
-    removes what the masked channels still carry.
-    """
-    left = steps - config.steps_to_target(dims)
-    reach = left * config.compactor_lr
-    if reach >= 1.0:
+
+def compactor_lr_after(config, steps: int, start: int) -> float:
+    """Sum of the compactor learning rate over the optimizer steps after global step `start` (linear warm-up,
+    then linear decay to 0 at `steps`: the Trainer's schedule). The step that makes global step k runs at
+    lr · λ(k − 1), where λ is transformers' own linear schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_linear_schedule_with_warmup(dummy, warmup_steps_for(config, steps), steps).lr_lambdas[0]
+    return config.compactor_lr * sum(factor(k) for k in range(max(start, 0), steps))
+
+
+def penalty_lr_needed(config, fraction: float = 0.01, limit: int = 200_000) -> float | None:
+    """The cumulative compactor learning rate the update rule needs to shrink a masked compactor entry from 1
+    (identity) to `fraction` of it: one entry simulated with the reference step at a constant compactor_lr
+    (no loss gradient; masked from its first step). None if it does not get there within `limit` steps."""
+    from wid_kernels import reference
+
+    p, m, v = (torch.tensor([value], dtype=torch.float64) for value in (1.0, 0.0, 0.0))
+    zero, masked = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool)
+    for step in range(1, limit + 1):
+        reference.wid_adamw_step(p, zero, m, v, masked, 0, config.compactor_lr, *config.adam_betas, config.adam_eps,
+                                 config.weight_decay, config.penalty, True, True, config.update_rule)
+        if abs(float(p)) <= fraction:
+            return step * config.compactor_lr
+    return None
+
+
+def penalty_budget_notice(config, dims, steps: int) -> str | None:
+    """A warning when the learning rate left after the masks reach their target cannot drive the masked
+    compactor entries to ~0 (1% of their initial size), so that the final cut removes channels that still
+    carry signal. Stated in cumulative compactor learning rate: what the run gives after the last mask
+    increase (`compactor_lr_after`) against what the rule needs (`penalty_lr_needed`)."""
+    target = config.steps_to_target(dims)
+    given = compactor_lr_after(config, steps, target)
+    needed = penalty_lr_needed(config)
+    if needed is not None and given >= needed:
         return None
-    return (f"only {max(left, 0)} steps follow the last mask update, and at compactor_lr={config.compactor_lr:g} Adam can shrink "
-            f"a masked compactor entry by about {reach:.2g} of its initial size in that time: the final cut will remove "
-            f"channels that still carry signal (a lossy student); give WID ≥ {math.ceil(1 / config.compactor_lr)} steps after "
-            f"the target (more --max_steps or a smaller --w_step; a larger --compactor_lr shortens this but collapsed the "
-            f"short runs of benchmarks/QUALITY.md)")
+    need = "more than the simulation's 200000 steps" if needed is None else f"≈{needed:.3g}"
+    return (f"after the last mask increase (step {min(target, steps)} of {steps}) the run gives a cumulative compactor "
+            f"learning rate of {given:.3g}, and the update rule needs {need} to shrink a masked compactor entry to 1% of "
+            f"its initial size (one entry simulated at compactor_lr={config.compactor_lr:g}): the final cut will remove "
+            f"channels that still carry signal; give more --max_steps after the target or a smaller --w_step")
 
 
 def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:

@@ -3,7 +3,8 @@
     y = compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None)   # x (Q W L)ᵀ + Q b
     W_eff, b_eff = fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None)
     y = masked_layer_norm(x, residual, gamma, beta, keep, eps)
-    wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr=..., ...)
+    wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr=..., ...,
+                           update_rule="authors")
 
 Backends: `reference` (the unfused, UER-style baseline), `torch` (fold-first with torch matmuls),
 and compiled/Triton backends when they are installed. Select with `set_backend(name)` or the
@@ -135,10 +136,13 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, *, lr, beta1, beta2,
-                           eps, weight_decay, penalty, masks_active):
+                           eps, weight_decay, penalty, masks_active, update_rule="authors"):
     """In-place WID-AdamW step over lists of tensors (update rule + AdamW without bias correction).
 
     keeps[i] is None (unmasked) or a 1-D bool mask along axis keep_axes[i] of params[i].
+    `update_rule`: "authors" (the reference numerics of the authors' code) or "additive" (see
+    `reference.wid_adamw_step`).
     """
+    reference.check_update_rule(update_rule)
     return _op("wid_adamw_multi_tensor")(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1,
-                                        beta2, eps, weight_decay, penalty, masks_active)
+                                        beta2, eps, weight_decay, penalty, masks_active, update_rule)

@@ -74,16 +74,33 @@ def keep_broadcast(keep, keep_axis, param):
     return keep[:, None] if keep_axis == 0 else keep[None, :]
 
 
+UPDATE_RULES = ("authors", "additive")
+
+
+def check_update_rule(update_rule: str) -> bool:
+    """True for the authors' numerics, False for the additive variant; anything else is an error."""
+    if update_rule not in UPDATE_RULES:
+        raise ValueError(f"unknown WID update rule '{update_rule}'; choose one of: {', '.join(UPDATE_RULES)}")
+    return update_rule == "authors"
+
+
 @torch.no_grad()
 def wid_adamw_step(param, grad, exp_avg, exp_avg_sq, keep, keep_axis, lr, beta1, beta2, eps, weight_decay, penalty,
-                   masks_active, is_compactor):
+                   masks_active, is_compactor, update_rule="authors"):
     """One in-place WID-AdamW step of one tensor (WID_METHOD §5).
 
     `keep` is None for a parameter the rule does not mask, else a 1-D bool mask along `keep_axis`.
     Before the first mask (`masks_active` False) compactors get g = ∇L + p. Afterwards
-    g = m⊙∇L + (1−m)⊙min(λ,1)·p and, for λ > 1, (1−β1)(1−m)⊙(λ−1)·p is added to the first moment.
-    Then AdamW without bias correction, decay first: p ← p(1 − lr·wd) − lr·m/(√v + eps).
+    g = m⊙∇L + (1−m)⊙min(λ,1)·p, and for λ > 1 the first-moment injection e = (1−m)⊙(λ−1)·p:
+
+    - `update_rule="authors"` (uer/trainer.py + uer/utils/optimizers.py of the authors' code): before
+      AdamW's step the whole first moment of a tensor under the rule is decayed and fed,
+      exp_avg ← β1·exp_avg + (1−β1)·e (kept entries decay too); then AdamW without bias correction,
+      p ← p − lr·exp_avg/(√v + eps), and weight decay afterwards on the updated value, p ← p·(1 − lr·wd).
+    - `update_rule="additive"` (this package's earlier reading): exp_avg ← β1·exp_avg + (1−β1)·(g + e)
+      in one decay, and weight decay first (torch.optim.AdamW's order): p ← p(1 − lr·wd) − lr·m/(√v + eps).
     """
+    authors = check_update_rule(update_rule)
     g = grad
     extra = None
     if keep is not None:
@@ -96,18 +113,22 @@ def wid_adamw_step(param, grad, exp_avg, exp_avg_sq, keep, keep_axis, lr, beta1,
             g = k * grad + drop * (min(penalty, 1.0) * param)
             if penalty > 1:
                 extra = drop * ((penalty - 1.0) * param)
+    if extra is not None and authors:
+        exp_avg.mul_(beta1).add_(extra, alpha=1 - beta1)
     exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
-    if extra is not None:
+    if extra is not None and not authors:
         exp_avg.add_(extra, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if weight_decay:
+    if weight_decay and not authors:
         param.mul_(1 - lr * weight_decay)
     param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+    if weight_decay and authors:
+        param.mul_(1 - lr * weight_decay)
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
-                           weight_decay, penalty, masks_active):
+                           weight_decay, penalty, masks_active, update_rule="authors"):
     """The step over a list of tensors (one param group). Fused backends do this in one pass."""
     for i in range(len(params)):
         wid_adamw_step(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], keeps[i], keep_axes[i], lr, beta1, beta2, eps,
-                       weight_decay, penalty, masks_active, is_compactor[i])
+                       weight_decay, penalty, masks_active, is_compactor[i], update_rule)

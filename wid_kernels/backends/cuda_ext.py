@@ -71,7 +71,7 @@ def _mln_bwd_fake(dy, x, residual, gamma, keep, mean, rstd):
 
 @torch.library.register_fake("wid_kernels::wid_adamw_step")
 def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
-                weight_decay, penalty, masks_active):
+                weight_decay, penalty, masks_active, authors_rule=True):
     return None
 
 
@@ -133,21 +133,22 @@ def _fusable(p, g, m, v, keep, axis):
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
-                           weight_decay, penalty, masks_active):
+                           weight_decay, penalty, masks_active, update_rule="authors"):
     """In-place WID-AdamW over lists of tensors: one op call per device (the CUDA kernel is multi-tensor).
 
     Tensors the kernels cannot take run the reference step.
     """
+    authors = reference.check_update_rule(update_rule)
     groups: dict = {}
     for i in range(len(params)):
         p, g, m, v, k, axis = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], keeps[i], int(keep_axes[i])
         if not _fusable(p, g, m, v, k, axis):
             reference.wid_adamw_step(p, g, m, v, k, axis, lr, beta1, beta2, eps, weight_decay, penalty, masks_active,
-                                     is_compactor[i])
+                                     is_compactor[i], update_rule)
             continue
         groups.setdefault(p.device, []).append((p, g, m, v, k, axis, bool(is_compactor[i])))
     with torch.no_grad():
         for items in groups.values():
             p, g, m, v, k, axis, comp = (list(column) for column in zip(*items))
             _ops.wid_adamw_step(p, g, m, v, k, axis, comp, float(lr), float(beta1), float(beta2), float(eps),
-                                float(weight_decay), float(penalty), bool(masks_active))
+                                float(weight_decay), float(penalty), bool(masks_active), authors)

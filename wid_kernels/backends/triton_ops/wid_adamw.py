@@ -5,8 +5,10 @@ pass: it reads param, grad, exp_avg, exp_avg_sq (and one byte of keep-mask per e
 and writes param, exp_avg, exp_avg_sq. Per element, with k = keep[row] (keep_axis 0) or keep[col]
 (keep_axis 1):
     masks off:  g = ∇ + p for masked compactors, else ∇
-    masks on:   g = k ? ∇ : min(λ,1)·p ;  m += (1−β1)·(k ? 0 : (λ−1)·p) when λ > 1
-    m = β1·m + (1−β1)·g ;  v = β2·v + (1−β2)·g² ;  p = p·(1 − lr·wd) − lr·m/(√v + eps)
+    masks on:   g = k ? ∇ : min(λ,1)·p ;  e = k ? 0 : (λ−1)·p when λ > 1 (else no injection)
+    authors:    m = β1·(β1·m + (1−β1)·e) + (1−β1)·g   (the pre-step injection decays the whole tensor)
+                v = β2·v + (1−β2)·g² ;  p = (p − lr·m/(√v + eps))·(1 − lr·wd)
+    additive:   m = β1·m + (1−β1)·(g + e) ;  v as above ;  p = p·(1 − lr·wd) − lr·m/(√v + eps)
 All arithmetic is fp32 whatever the storage dtype. `k ? ∇ : ...` is a select, not `k·∇`, so a
 gradient left uncomputed (even NaN) in a pruned row cannot leak into the step; for finite
 gradients it is identical to the reference's arithmetic form.
@@ -35,8 +37,8 @@ _N_META = 10
 @triton.jit
 def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi,
                       P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
-                      MASKS_ACTIVE: tl.constexpr, HAS_EXTRA: tl.constexpr, N_META: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      MASKS_ACTIVE: tl.constexpr, HAS_EXTRA: tl.constexpr, AUTHORS: tl.constexpr,
+                      N_META: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(CHUNKS + 2 * pid)
     chunk = tl.load(CHUNKS + 2 * pid + 1)
@@ -64,12 +66,21 @@ def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi
         g = tl.where(kept, grad, pen_lo * p)
     else:
         g = tl.where(add_param != 0, grad + p, grad)
+    if MASKS_ACTIVE:
+        if HAS_EXTRA:
+            if AUTHORS:  # only tensors under the rule get the pre-step decay
+                injected = m * beta1 + (1.0 - beta1) * tl.where(kept, 0.0, pen_hi * p)
+                m = tl.where(has_keep != 0, injected, m)
     m = m * beta1 + (1.0 - beta1) * g
     if MASKS_ACTIVE:
         if HAS_EXTRA:
-            m = m + (1.0 - beta1) * tl.where(kept, 0.0, pen_hi * p)
+            if not AUTHORS:
+                m = m + (1.0 - beta1) * tl.where(kept, 0.0, pen_hi * p)
     v = v * beta2 + (1.0 - beta2) * g * g
-    p = p * decay - lr * (m / (tl.sqrt(v) + eps))
+    if AUTHORS:
+        p = (p - lr * (m / (tl.sqrt(v) + eps))) * decay
+    else:
+        p = p * decay - lr * (m / (tl.sqrt(v) + eps))
     tl.store(p_ptr + offs, p.to(P_DT), mask=ok)
     tl.store(m_ptr + offs, m.to(M_DT), mask=ok)
     tl.store(v_ptr + offs, v.to(V_DT), mask=ok)
@@ -146,11 +157,12 @@ def _tables(items, device):
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
-                           weight_decay, penalty, masks_active):
+                           weight_decay, penalty, masks_active, update_rule="authors"):
     """In-place WID-AdamW over lists of tensors: one kernel launch per (device, dtypes) bucket.
 
     Tensors the kernel cannot address (non-contiguous, >2-D, exotic dtype) take the reference step.
     """
+    authors = reference.check_update_rule(update_rule)
     buckets: dict = {}
     for i in range(len(params)):
         p, g, m, v, k, axis = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], keeps[i], keep_axes[i]
@@ -158,7 +170,7 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
             k = k != 0
         if not _fusable(p, g, m, v, k, axis):
             reference.wid_adamw_step(p, g, m, v, keeps[i], axis, lr, beta1, beta2, eps, weight_decay, penalty,
-                                     masks_active, is_compactor[i])
+                                     masks_active, is_compactor[i], update_rule)
             continue
         if p.numel() == 0:
             continue
@@ -172,6 +184,6 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
             meta, chunks, float(lr), float(beta1), float(beta2), float(eps), float(decay),
             float(min(penalty, 1.0)), float(penalty - 1.0),
             P_DT=TL_DTYPE[p_dt], G_DT=TL_DTYPE[g_dt], M_DT=TL_DTYPE[m_dt], V_DT=TL_DTYPE[v_dt],
-            MASKS_ACTIVE=bool(masks_active), HAS_EXTRA=bool(penalty > 1), N_META=_N_META, BLOCK=_BLOCK,
+            MASKS_ACTIVE=bool(masks_active), HAS_EXTRA=bool(penalty > 1), AUTHORS=authors, N_META=_N_META, BLOCK=_BLOCK,
             num_warps=4,
         )

@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random BERT teachers of arbitrary (odd) shapes, offline."""
 import os
 import random
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["WID_CACHE"] = tempfile.mkdtemp(prefix="wid-test-cache-")  # warmed-up heads of test runs stay out of ~/.cache
 
 import pytest
 import torch

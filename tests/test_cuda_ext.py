@@ -187,16 +187,16 @@ def _adamw_case(dtype, device="cpu", seed=0, sizes=((7, 9), (13, 5), (11,), (3, 
     return cast(params), cast(grads), cast(avgs), cast(sqs), keeps, axes
 
 
-def _reference_step(state, keeps, axes, compactor, penalty, masks_active, as_dtype=None):
+def _reference_step(state, keeps, axes, compactor, penalty, masks_active, as_dtype=None, rule="authors"):
     params, grads, avgs, sqs = ([t.clone() if as_dtype is None else t.to(as_dtype) for t in ts] for ts in state)
     for i in range(len(params)):
         reference.wid_adamw_step(params[i], grads[i], avgs[i], sqs[i], None if keeps[i] is None else keeps[i].to(params[i].device),
                                  axes[i], **{k: HYPER[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")},
-                                 penalty=penalty, masks_active=masks_active, is_compactor=compactor[i])
+                                 penalty=penalty, masks_active=masks_active, is_compactor=compactor[i], update_rule=rule)
     return params, avgs, sqs
 
 
-def _check_adamw(dtype, device, penalty, masks_active, is_compactor, steps=3, sizes=None, state=None):
+def _check_adamw(dtype, device, penalty, masks_active, is_compactor, steps=3, sizes=None, state=None, rule="authors"):
     kwargs = {} if sizes is None else {"sizes": sizes}
     params, grads, avgs, sqs, keeps, axes = state or _adamw_case(dtype, device, **kwargs)
     compactor = [is_compactor] * len(params)
@@ -209,9 +209,9 @@ def _check_adamw(dtype, device, penalty, masks_active, is_compactor, steps=3, si
     cpu_keeps = [None if k is None else k.cpu() for k in keeps]
     for _ in range(steps):
         cuda_ext.wid_adamw_multi_tensor(params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"],
-                                        HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"], penalty, masks_active)
+                                        HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"], penalty, masks_active, rule)
         expected = _reference_step((*expected[:1], cpu_grads, *expected[1:]), cpu_keeps, axes, compactor, penalty,
-                                   masks_active)
+                                   masks_active, rule=rule)
         if ref_dtype != dtype:  # the kernel stores in `dtype` after every step; so must the reference
             expected = tuple([t.to(dtype).to(ref_dtype) for t in ts] for ts in expected)
     for name, got_list, expected_list in zip(("param", "exp_avg", "exp_avg_sq"), (params, avgs, sqs), expected):
@@ -228,6 +228,13 @@ def _check_adamw(dtype, device, penalty, masks_active, is_compactor, steps=3, si
 @pytest.mark.parametrize("is_compactor", [True, False])
 def test_cpu_wid_adamw_matches_reference(dtype, masks_active, penalty, is_compactor):
     _check_adamw(dtype, "cpu", penalty, masks_active, is_compactor)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("is_compactor", [True, False])
+def test_cpu_wid_adamw_additive_variant_matches_reference(dtype, is_compactor):
+    _check_adamw(dtype, "cpu", 20.0, True, is_compactor, rule="additive")
 
 
 @needs_ext

@@ -168,12 +168,14 @@ def _adamw_case(dtype, keep_kind, generator):
 @pytest.mark.parametrize("masks_active", [False, True])
 @pytest.mark.parametrize("penalty", [20.0, 1.0, 0.5])
 @pytest.mark.parametrize("keep_kind", ["full", "empty", "scattered"])
-def test_wid_adamw_matches_the_reference_step(dtype, masks_active, penalty, keep_kind):
+@pytest.mark.parametrize("rule", ["authors", "additive"])
+def test_wid_adamw_matches_the_reference_step(dtype, masks_active, penalty, keep_kind, rule):
     generator = torch.Generator().manual_seed(int(penalty * 10) + masks_active)
     state, keeps, axes, is_compactor = _adamw_case(dtype, keep_kind, generator)
     ours = [[t.clone() for t in s] for s in state]
     ref = [[t.double() for t in s] for s in state]
-    hyper = dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, penalty=penalty, masks_active=masks_active)
+    hyper = dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, penalty=penalty, masks_active=masks_active,
+                 update_rule=rule)
     for step in range(2):  # the second step reuses the cached tables with fresh gradients
         if step:
             for o, r in zip(ours, ref):
@@ -186,14 +188,17 @@ def test_wid_adamw_matches_the_reference_step(dtype, masks_active, penalty, keep
             _close(got, expected, TOL[dtype] if dtype != torch.float32 else 1e-5, f"tensor {i} {name}")
 
 
-def test_wid_adamw_first_moment_injection_is_applied_to_pruned_entries_only():
+def test_wid_adamw_first_moment_injection_follows_the_authors_rule():
     p = torch.ones(3, 4, device=DEVICE)
-    g, m, v = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    g, m, v = torch.zeros_like(p), torch.full_like(p, 0.5), torch.zeros_like(p)
     keep = torch.tensor([True, False, True], device=DEVICE)
-    triton_ops.wid_adamw_multi_tensor([p], [g], [m], [v], [keep], [0], [True], 1e-3, 0.9, 0.999, 1e-6, 0.0, 20.0, True)
-    expected_pruned = 0.1 * 1.0 + 0.1 * 19.0  # (1−β1)·min(λ,1)·p + (1−β1)·(λ−1)·p
-    torch.testing.assert_close(m[1], torch.full((4,), expected_pruned, device=DEVICE))
-    assert float(m[[0, 2]].abs().max()) == 0.0
+    untouched = [t.clone() for t in (p, g, torch.full_like(p, 0.5), v)]  # a tensor not under the rule (no keep mask)
+    triton_ops.wid_adamw_multi_tensor([p, untouched[0]], [g, untouched[1]], [m, untouched[2]], [v, untouched[3]],
+                                      [keep, None], [0, 0], [True, False], 1e-3, 0.9, 0.999, 1e-6, 0.0, 20.0, True)
+    # pruned: 0.9·(0.9·0.5 + 0.1·19·1) + 0.1·1 (the penalty gradient min(λ,1)·p); kept: 0.9·0.9·0.5 (g = 0)
+    torch.testing.assert_close(m[1], torch.full((4,), 0.9 * (0.45 + 1.9) + 0.1, device=DEVICE))
+    torch.testing.assert_close(m[[0, 2]], torch.full((2, 4), 0.81 * 0.5, device=DEVICE))
+    torch.testing.assert_close(untouched[2], torch.full_like(p, 0.45))  # one decay only
 
 
 def test_wid_adamw_ignores_uncomputed_gradients_of_pruned_rows_and_handles_odd_layouts():
@@ -403,7 +408,7 @@ COMPILE_FOR_H100 = textwrap.dedent('''
         build(A._wid_adamw_kernel, dict(META="*i64", CHUNKS="*i32", lr=f32, beta1=f32, beta2=f32, eps=f32, decay=f32,
                                         pen_lo=f32, pen_hi=f32),
               dict(P_DT=gdt, G_DT=gdt, M_DT=tl.float32, V_DT=tl.float32, MASKS_ACTIVE=True, HAS_EXTRA=True,
-                   N_META=A._N_META, BLOCK=2048), num_warps=4)
+                   AUTHORS=True, N_META=A._N_META, BLOCK=2048), num_warps=4)
         io = dict(X="*" + pdt, R="*" + pdt, GAMMA="*fp32", BETA="*fp32", KEEP="*u8", MEAN="*fp32", RSTD="*fp32",
                   n_rows="i32", n_cols="i32", count=f32)
         build(N._mln_forward_kernel, dict(io, Y="*" + pdt, eps=f32),

@@ -121,7 +121,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["wid", "wid.*", "wid_kernels", "wid_kernels.*"]),
-    package_data={"wid": ["corpus/*.txt", "corpus/*.txt.gz", "corpus/*.md"]},
+    package_data={"wid": ["corpus/*.txt", "corpus/*.txt.gz", "corpus/*.md", "heads/*.safetensors"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.46",

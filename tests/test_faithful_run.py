@@ -117,3 +117,21 @@ def test_a_saved_head_is_read_only_for_the_teacher_it_was_trained_on(files, tmp_
     assert read_head(tmp_path / "head.safetensors", fingerprint)[1] == {"note": "test"}
     assert read_head(tmp_path / "head.safetensors", teacher_fingerprint(files["encoder_b"])) is None
     assert read_head(tmp_path / "missing.safetensors", fingerprint) is None
+
+
+def test_the_built_in_teacher_gets_its_shipped_head_and_an_informative_mlm_loss():
+    """The shipped head belongs to the installed all-MiniLM-L6-v2 and its held-out MLM loss, measured as
+    `wid distill` measures it, is the one recorded with it and clearly below the unigram model's."""
+    from wid.data import build_mlm_dataset, mlm_collator
+    from wid.distill import heldout_loss, load_teacher
+    from wid.mlm_head import load_shipped_head
+    from wid.teachers import DEFAULT_TEACHER_NAME, default_teacher_path
+
+    model, tokenizer, has_head = load_teacher(default_teacher_path())
+    assert not has_head  # a sentence encoder: the head comes from wid
+    info = load_shipped_head(model, default_teacher_path(), DEFAULT_TEACHER_NAME)
+    assert info is not None, "wid/heads/ has no head for the installed teacher: run scripts/train_default_head.py"
+    heldout = build_mlm_dataset(tokenizer, None, heldout=True)
+    loss = heldout_loss(model, heldout, mlm_collator(tokenizer))
+    assert loss == pytest.approx(info["heldout_mlm_loss"], abs=2e-3)
+    assert loss < info["unigram_heldout_mlm_loss"] - 0.5

@@ -29,11 +29,11 @@ from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, compactor_lr_after, fit_w_step, flush_denormals,
                        penalty_budget_notice, warmup_steps_for)
 
-# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (about 10 minutes).
-# Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The compactors keep the paper's
-# learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the student to a
-# constant output, while at 5e-5 the cut is lossy but the student fine-tunes close to the baselines and has
-# the attention closest to the teacher's (benchmarks/QUALITY.md; README, "The built-in default run").
+# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (under 10 minutes).
+# Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
+# wid ships for it (wid/heads/, built by scripts/train_default_head.py), so no head warm-up runs. The compactors
+# keep the paper's learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the
+# student to a constant output (benchmarks/QUALITY.md; README, "The built-in default run").
 DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16, w_step=6,
                    logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-5, learning_rate=1e-4)
 

@@ -137,7 +137,7 @@ def render(args, summaries, scores, attention, costs, seconds: float, speeds: di
     metric = "accuracy"
     task = scores["teacher"]["task"]
     header = ["model", "encoder params", "GFLOPs / 128-token seq", "held-out MLM loss", f"{task} accuracy", f"{task} F1",
-              "attention cosine", "attention KL", "spread vs teacher", "masked compactor fraction at cut", "training time"]
+              "attention cosine", "attention KL", "relative output spread", "masked compactor fraction at cut", "training time"]
     if speeds:
         header += [f"CPU sequences / s (batch {args.speed_batch_size})", "CPU speed-up"]
     rows = [["teacher (all heads, its MLM head as in the notes)" if not args.teacher else f"teacher {args.teacher}",

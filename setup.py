@@ -124,7 +124,7 @@ setup(
     package_data={"wid": ["corpus/*.txt", "corpus/*.txt.gz", "corpus/*.md", "heads/*.safetensors"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.46",
+        "transformers>=5.23",  # the oldest version tested (2026-11-23: 5.23, 2026-12-01: 5.24)
         "accelerate>=0.34",
         "datasets>=2.20",
         "safetensors",

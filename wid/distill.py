@@ -417,11 +417,15 @@ def format_summary(summary: dict) -> str:
         f"  params    encoder {summary['teacher_encoder_parameters'] / 1e6:.2f} M → {summary['student_encoder_parameters'] / 1e6:.2f} M",
         f"  steps     {summary['steps']} {'WID' if method == 'wid' else method} steps (+{summary['head_warmup_steps']} head warm-up)"
         + (f"; masks at target from step {summary['schedule_reached_target_at_step']}" if method == "wid" else ""),
+        f"  MLM head  {summary.get('teacher_mlm_head', 'n/a')}",
         f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
         f"vs student {fmt(summary['student_heldout_mlm_loss'])}",
         f"  spread    the student's outputs vary across inputs {fmt(summary.get('representation_spread_vs_teacher'))}× as much as "
         "the teacher's (≈0: collapsed)",
     ]
+    if summary.get("masked_compactor_fraction_at_cut") is not None:
+        lines.append(f"  penalty   masked compactor entries at the cut {summary['masked_compactor_fraction_at_cut']:.3g} of their "
+                     f"initial size; cumulative compactor lr after the target {summary['compactor_lr_after_target']:.3g}")
     if summary["max_logit_difference_fold"] is not None:
         lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits "
                      f"max diff {summary['max_logit_difference_fold']:.2e}")

@@ -280,7 +280,7 @@ def test_wid_adamw_step(benchmark, case, device, kept, dtype, provider):
 
         def run():
             op(params, grads, exp_avgs, exp_avg_sqs, keeps, axes, is_compactor, config.compactor_lr, beta1, beta2,
-               config.adam_eps, config.weight_decay, config.penalty, kept < 1.0)
+               config.adam_eps, config.weight_decay, config.penalty, kept < 1.0, config.update_rule)
             return params
     record(benchmark, op="wid_adamw", mode="step", provider=provider, case=case, device=device, dtype=dtype, kept=kept,
            shape=(numel,), bytes=7 * numel * _bytes_per(dtype), tensors=len(params))

@@ -301,8 +301,8 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     relative_spread = spread / teacher_spread if spread is not None and teacher_spread else None
     if relative_spread is not None and relative_spread < 0.05:
         notices.append(f"the student's output barely varies across inputs ({relative_spread:.2%} of the teacher's spread): it has "
-                       "collapsed to a near-constant representation, which the MLM loss does not show; train longer with a "
-                       "lower --compactor_lr, or start from a teacher with a trained MLM head (see benchmarks/QUALITY.md)")
+                       "collapsed to a near-constant representation; for a run this short try --max_grad_norm 1.0 or a lower "
+                       "--compactor_lr, or train longer (see benchmarks/QUALITY.md)")
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),

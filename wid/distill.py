@@ -23,7 +23,7 @@ from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
 from .baselines import METHODS, train_baseline
 from .compactors import attach
 from .config import WIDConfig
-from .export import fold_trained, save_student, write_atomically
+from .export import fold_trained, save_student
 from .fold import fold
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, compactor_lr_after, fit_w_step, flush_denormals,

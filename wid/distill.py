@@ -102,6 +102,28 @@ def load_teacher(name_or_path: str):
     return model, tokenizer, has_head
 
 
+def check_numeric_arguments(args: DistillArguments, training_args: TrainingArguments) -> None:
+    """Refuse nonsense numbers before anything is loaded or written (one line each, naming the fix)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise RunError(f"--max_steps must be at least 1, got {training_args.max_steps} (leave it unset to train for "
+                       "--num_train_epochs instead)")
+    if args.w_step is not None and args.w_step < 1:
+        raise RunError(f"--w_step must be at least 1 step between mask updates, got {args.w_step}")
+    if args.head_warmup_steps is not None and args.head_warmup_steps < 0:
+        raise RunError(f"--head_warmup_steps must be 0 or more, got {args.head_warmup_steps}")
+    if args.head_warmup_lr <= 0:
+        raise RunError(f"--head_warmup_lr must be positive, got {args.head_warmup_lr}")
+    if args.max_seq_length < 3:
+        raise RunError(f"--max_seq_length must be at least 3 ([CLS] + a token + [SEP]), got {args.max_seq_length}")
+    for fraction in args.save_widths or ():
+        if not 0 < fraction < 1:
+            raise RunError(f"--save_widths takes fractions of the teacher's hidden width between 0 and 1 (e.g. 0.75 0.5), "
+                           f"got {fraction:g}")
+    if args.kd_temperature <= 0 or not 0 <= args.kd_alpha <= 1:
+        raise RunError(f"--kd_temperature must be positive and --kd_alpha in [0, 1], got {args.kd_temperature:g} and "
+                       f"{args.kd_alpha:g}")
+
+
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -246,6 +268,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         flush_denormals()  # before any torch work spawns the CPU thread pool
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
+    check_numeric_arguments(args, training_args)
     check_output_dir(str(output_dir), args.overwrite_output_dir, bool(resume))
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")

@@ -3,8 +3,8 @@
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
                 [--method wid|kd|mlm|prune] [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...]
                 [Trainer options]
-    wid export CHECKPOINT_DIR OUTPUT_DIR
-    wid verify CHECKPOINT_DIR STUDENT_DIR
+    wid export CHECKPOINT_DIR OUTPUT_DIR [--overwrite]
+    wid verify CHECKPOINT_DIR STUDENT_DIR [--tolerance 1e-4]
     wid evaluate MODEL_DIR [--task NAME | --train_file F --validation_file F] [--num_train_epochs N] [--output_dir D]
     wid attention TEACHER_DIR STUDENT_DIR [--output FIGURE.png]
     wid speed TEACHER_DIR STUDENT_DIR [MORE_DIRS ...] [--batch_size N] [--seq_len N] [--dtype D] [--device D]
@@ -59,26 +59,34 @@ def distill(argv) -> int:
     return 0
 
 
-def _checkpoint_command(argv, prog: str, description: str, second: str, action) -> int:
-    """`wid export` / `wid verify`: two folders in, a JSON report out."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("checkpoint_dir")
-    parser.add_argument(second)
-    args = parser.parse_args(argv)
-    print(json.dumps(action(args.checkpoint_dir, getattr(args, second)), indent=2))
-    return 0
-
-
 def export(argv) -> int:
     from .export import export_checkpoint
 
-    return _checkpoint_command(argv, "wid export", "fold a wid distill checkpoint into a plain student", "output_dir", export_checkpoint)
+    parser = argparse.ArgumentParser(prog="wid export", description="fold a wid distill checkpoint into a plain student")
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output_dir (its student files are replaced)")
+    args = parser.parse_args(argv)
+    print(json.dumps(export_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite), indent=2))
+    return 0
 
 
 def verify(argv) -> int:
+    """Exit 0 when the student matches its checkpoint within --tolerance, 1 when it does not."""
     from .export import verify_student
 
-    return _checkpoint_command(argv, "wid verify", "re-check a student against its checkpoint", "student_dir", verify_student)
+    parser = argparse.ArgumentParser(prog="wid verify", description="re-check a student against its checkpoint")
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("student_dir")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| after pruning (default 1e-4)")
+    args = parser.parse_args(argv)
+    report = verify_student(args.checkpoint_dir, args.student_dir, args.tolerance)
+    print(json.dumps(report, indent=2))
+    if not report["matches"]:
+        print(f"wid verify: {args.student_dir} does not match {args.checkpoint_dir} (max logit difference "
+              f"{report['max_logit_difference_after_pruning']:.3g} > {args.tolerance:g})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def info(argv) -> int:

@@ -163,8 +163,21 @@ def fold_trained(model):
     return student, masked_norm, verify_fold(model, student)
 
 
-def export_checkpoint(checkpoint_dir, output_dir) -> dict:
+def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> None:
+    """Refuse, before any work, a target that is the checkpoint itself or lies inside it (the export would
+    destroy its own source), and a non-empty target unless `overwrite`."""
+    source, target = Path(checkpoint_dir).resolve(), Path(output_dir).resolve()
+    if target == source or source in target.parents:
+        raise CheckpointError(f"the export target {output_dir} is (inside) the checkpoint {checkpoint_dir}; choose another folder")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"the export target {output_dir} is a file; choose a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise CheckpointError(f"the export target {output_dir} is not empty; pass --overwrite to write the student into it anyway, or choose another folder")
+
+
+def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False) -> dict:
     """Fold a training checkpoint into a student in `output_dir`; returns what was measured."""
+    check_export_target(checkpoint_dir, output_dir, overwrite)
     student, masked_norm, difference = fold_trained(load_checkpoint(checkpoint_dir))
     report = {
         "checkpoint": str(checkpoint_dir),
@@ -179,8 +192,10 @@ def export_checkpoint(checkpoint_dir, output_dir) -> dict:
     return report
 
 
-def verify_student(checkpoint_dir, student_dir) -> dict:
-    """Compare a student with the checkpoint it came from: max logit difference, masked entries left."""
+def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict:
+    """Compare a student with the checkpoint it came from: max logit difference, masked entries left, and
+    `matches` (the difference after pruning within `tolerance`; a student of another shape or vocabulary
+    does not match)."""
     from transformers import AutoModelForMaskedLM
 
     model = load_checkpoint(checkpoint_dir)
@@ -189,10 +204,16 @@ def verify_student(checkpoint_dir, student_dir) -> dict:
     except Exception as exc:
         raise CheckpointError(f"cannot load the student in {student_dir} ({type(exc).__name__}); pass a folder written by wid distill or wid export") from None
     masked_norm = masked_entry_norm(model)
-    as_trained = verify_fold(model, student)
-    finalize(model)
+    try:
+        as_trained = verify_fold(model, student)
+        finalize(model)
+        after = verify_fold(model, student)
+    except (RuntimeError, IndexError):  # another vocabulary or embedding layout: logits cannot even be compared
+        as_trained = after = float("inf")
     return {
         "max_logit_difference": as_trained,
-        "max_logit_difference_after_pruning": verify_fold(model, student),
+        "max_logit_difference_after_pruning": after,
         "masked_entry_norm": masked_norm,
+        "tolerance": tolerance,
+        "matches": after <= tolerance,
     }

@@ -1,0 +1,59 @@
+"""`wid export` never destroys what it reads or overwrites unasked; `wid verify` fails a student that does not match."""
+import json
+
+import pytest
+
+from wid.cli import main
+
+from distill_fixtures import distill_argv, write_corpus, write_teacher
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    teacher, corpus = write_teacher(base / "teacher"), write_corpus(base / "corpus.txt")
+    assert main(["distill", *distill_argv(teacher, corpus, base / "a")]) == 0
+    assert main(["distill", *distill_argv(teacher, corpus, base / "b", "--seed", "3")]) == 0
+    return dict(teacher=teacher, checkpoint=base / "a" / "checkpoints" / "checkpoint-12", student=base / "a",
+                other_student=base / "b")
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_non_empty_target_unless_overwrite_is_given(run, tmp_path, capsys):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    assert main(["export", str(run["checkpoint"]), str(target)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (target / "notes.txt").read_text() == "mine"
+    assert main(["export", str(run["checkpoint"]), str(target), "--overwrite"]) == 0
+    assert (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_export_never_writes_into_its_source(run, capsys, inside):
+    before = _snapshot(run["checkpoint"])
+    target = run["checkpoint"] / "student" if inside else run["checkpoint"]
+    assert main(["export", str(run["checkpoint"]), str(target), "--overwrite"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "inside) the checkpoint" in error and len(error.splitlines()) == 1
+    assert _snapshot(run["checkpoint"]) == before
+
+
+def test_verify_passes_the_student_of_its_checkpoint(run, capsys):
+    assert main(["verify", str(run["checkpoint"]), str(run["student"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["matches"] and report["tolerance"] == 1e-4
+
+
+@pytest.mark.parametrize("other", ["teacher", "other_student"])
+def test_verify_fails_a_student_that_does_not_match(run, capsys, other):
+    assert main(["verify", str(run["checkpoint"]), str(run[other])]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["matches"] is False and "does not match" in captured.err
+
+
+def test_verify_takes_a_tolerance(run, capsys):
+    assert main(["verify", str(run["checkpoint"]), str(run["other_student"]), "--tolerance", "1e9"]) == 0

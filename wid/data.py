@@ -196,6 +196,27 @@ def build_mlm_dataset(tokenizer, corpus: str | list[str] | None = None, seq_len:
     return packed
 
 
+def load_tokenizer(model_dir, vocab_size: int, error=ValueError):
+    """The tokenizer saved with a model, checked against the model's vocabulary: a folder without tokenizer files
+    makes transformers build a 5-token tokenizer that turns every word into [UNK], and one with more tokens than
+    the embeddings would index past them. Either is refused with `error` (one line naming the fix)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files
+        raise error(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}); save the tokenizer files beside the "
+                    "model (tokenizer.save_pretrained)") from None
+    size = len(tokenizer)
+    if size < vocab_size // 2:
+        raise error(f"the tokenizer in {model_dir} has {size} tokens for a model with {vocab_size}: its tokenizer files are "
+                    "missing; save the tokenizer the model was trained with beside it (tokenizer.save_pretrained)")
+    if size > vocab_size:
+        raise error(f"the tokenizer in {model_dir} has {size} tokens but the model only {vocab_size} embeddings; resize the "
+                    "model's embeddings (resize_token_embeddings) or use the tokenizer it was trained with")
+    return tokenizer
+
+
 def mlm_collator(tokenizer, mlm_probability: float = 0.15, seed: int | None = None):
     """BERT's dynamic masking: `mlm_probability` of non-special tokens, 80% [MASK] / 10% random / 10% kept.
 

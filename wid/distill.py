@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel, TrainingArguments, default_data_collator
+from transformers import AutoConfig, BertForMaskedLM, BertModel, TrainingArguments, default_data_collator
 
 import wid_kernels
 
@@ -93,12 +93,13 @@ def teacher_config(name_or_path: str):
 
 def load_teacher(name_or_path: str):
     """(model, tokenizer, has_mlm_head): a BertForMaskedLM, with a fresh head if the checkpoint had none."""
-    teacher_config(name_or_path)
+    from .data import load_tokenizer
+
+    tokenizer = load_tokenizer(name_or_path, teacher_config(name_or_path).vocab_size, RunError)  # before any weights
     model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
     has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
     if not has_head:
         model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     return model, tokenizer, has_head
 
 

@@ -260,15 +260,12 @@ def check_model_dir(model_dir):
 
 
 def _load_model(model_dir, config, label_names):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
+    from .data import load_tokenizer
     from .export import quiet_transformers
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files
-        raise EvaluationError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}); "
-                              "save the tokenizer files beside the model") from None
+    tokenizer = load_tokenizer(model_dir, config.vocab_size, EvaluationError)
     if label_names is None:
         labels = {"num_labels": 1, "problem_type": "regression"}
     else:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from wid_kernels.reference import UPDATE_RULES  # one list of rules, next to the math that defines them
+
 from .architecture import TeacherDims
 
 STRATEGIES = ("dim", "head")
 ALIGNMENTS = ("mask", "tied")
 CRITERIA = ("representative", "group")
-UPDATE_RULES = ("authors", "additive")  # wid_kernels.reference.wid_adamw_step says what each computes
 ROUNDINGS = ("authors", "ceil")
 
 

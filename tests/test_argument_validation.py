@@ -12,6 +12,14 @@ def files(tmp_path_factory):
     return dict(teacher=write_teacher(base / "teacher"), corpus=write_corpus(base / "corpus.txt"))
 
 
+def _with(argv, flag, value):
+    """argv with `flag` set to `value` (replaced if present)."""
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return argv + [flag, value]
+
+
 @pytest.mark.parametrize("flag, value, fragment", [
     ("--max_steps", "0", "--max_steps must be at least 1"),
     ("--max_steps", "-5", "--max_steps must be at least 1"),
@@ -26,12 +34,37 @@ def files(tmp_path_factory):
 ])
 def test_a_nonsense_number_is_refused_before_anything_is_written(files, tmp_path, capsys, flag, value, fragment):
     out = tmp_path / "out"
-    argv = distill_argv(files["teacher"], files["corpus"], out)
-    if flag in argv:
-        argv[argv.index(flag) + 1] = value
-    else:
-        argv += [flag, value]
+    argv = _with(distill_argv(files["teacher"], files["corpus"], out), flag, value)
     assert main(["distill", *argv]) == 2
     error = capsys.readouterr().err.strip()
     assert fragment in error and len(error.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--save_widths", "0.25"], "--save_widths 0.25 is below the student's width"),
+    (["--max_seq_length", "65"], "beyond the teacher's 64 position embeddings; pass --max_seq_length 64 or less"),
+])
+def test_a_value_the_teacher_or_target_cannot_reach_is_refused(files, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out"
+    argv = _with(distill_argv(files["teacher"], files["corpus"], out), *extra)
+    assert main(["distill", *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert fragment in error and len(error.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_more_heads_than_the_teacher_has_says_the_limit(files, tmp_path, capsys):
+    argv = _with(distill_argv(files["teacher"], files["corpus"], tmp_path / "out", "--strategy", "head", "--target_heads", "8"),
+                 "--target_hidden", "8")
+    assert main(["distill", *argv]) == 2
+    assert "the teacher has 3 heads; choose at least 1 and at most 3" in capsys.readouterr().err
+
+
+def test_a_two_step_run_says_nothing_false_about_its_schedule(files, tmp_path, capsys):
+    """A schedule that cannot reach the target is reported as such, not as 'at target from step 16'."""
+    argv = _with(distill_argv(files["teacher"], files["corpus"], tmp_path / "out"), "--max_steps", "2")
+    assert main(["distill", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "masks never reached the target (cut at once)" in out and "does not fit" not in out
+    assert "shorter than the schedule's 4 mask updates" in out

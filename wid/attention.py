@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .export import plain_model_config, quiet_transformers, write_json_atomically
+from .export import check_writable_folder, plain_model_config, quiet_transformers, write_json_atomically
 
 DEFAULT_NUM_TEXTS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -314,6 +314,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_seq_length < 2:
         raise AttentionComparisonError(f"--max_seq_length is {args.max_seq_length}; pass at least 2")
+    for target, flag in ((args.output, "--output"), (args.json, "--json")):
+        if target is not None:  # before the computation, not after it
+            check_writable_folder(Path(target).parent, AttentionComparisonError, f"folder of {flag}")
     report = compare_attention(args.teacher_dir, args.student_dir, output=args.output, max_seq_length=args.max_seq_length, num_texts=args.num_texts)
     if args.json:
         write_json_atomically(args.json, report)

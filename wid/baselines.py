@@ -61,7 +61,7 @@ class DistillationTrainer(MaskedLMTrainer):
 
 
 def train_baseline(method: str, teacher, config: WIDConfig, dataset, tokenizer, training_args,
-                   kd_temperature: float = 2.0, kd_alpha: float = 0.5, resume=None, callbacks=()):
+                   kd_temperature: float = 2.0, kd_alpha: float = 0.5, resume=None, callbacks=(), run_record=None):
     """(student, trainer or None) for `method` in prune | mlm | kd; `training_args` as for the WID run."""
     if method not in METHODS[1:]:
         raise ValueError(f"unknown baseline method '{method}'; choose one of {', '.join(METHODS)}")
@@ -69,7 +69,7 @@ def train_baseline(method: str, teacher, config: WIDConfig, dataset, tokenizer, 
     if method == "prune":
         return student, None
     common = dict(model=student, args=training_args, train_dataset=dataset, data_collator=default_data_collator,
-                  processing_class=tokenizer, callbacks=list(callbacks))
+                  processing_class=tokenizer, callbacks=list(callbacks), run_record=run_record)
     if method == "kd":
         trainer = DistillationTrainer(teacher=teacher, temperature=kd_temperature, alpha=kd_alpha, **common)
     else:

@@ -152,8 +152,16 @@ def main(argv=None) -> int:
         expected = expected + (CorpusError,)
     except ImportError:
         pass
+    from .run_folder import RunInterrupted
+
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except RunInterrupted as stop:
+        print(f"wid {argv[0]}: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"wid {argv[0]}: interrupted", file=sys.stderr)
+        return 130
     except expected as error:
         print(f"wid {argv[0]}: error: {error}", file=sys.stderr)
         return 2

@@ -168,6 +168,9 @@ class WIDConfig:
                     f"use a multiple of {heads} such as {low} or {min(low + heads, dims.hidden)}"
                 )
         else:
+            if heads is not None and not 1 <= heads <= dims.heads:
+                raise ValueError(f"target_heads={heads}, but the teacher has {dims.heads} heads; choose at least 1 and at most "
+                                 f"{dims.heads}")
             if hidden % dims.head_dim:
                 low = _round_to_multiple(hidden, dims.head_dim)
                 raise ValueError(

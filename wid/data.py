@@ -40,17 +40,62 @@ def default_corpus_files(heldout: bool = False) -> list[str]:
     raise CorpusError(f"the shipped corpus {CORPUS_DIR / (stem + '.txt')} is missing; reinstall wid or pass --corpus FILES")
 
 
-def _has_text(path: Path) -> bool:
-    """True when the file holds at least one non-whitespace character (gz read through)."""
+@functools.lru_cache(maxsize=256)
+def _check_text_file(path: Path, size: int, mtime_ns: int) -> bool:
+    """Whether the file holds text (any non-whitespace character); CorpusError, one line, when it is not readable
+    UTF-8 text: binary data (a NUL byte), bytes that are not UTF-8, or a .jsonl line that is not a JSON object.
+    Cached on (path, size, mtime), since a run resolves its corpus more than once."""
+    import codecs
+
     opener = gzip.open if path.name.endswith(".gz") else open
+    decoder, has_text, line, tail = codecs.getincrementaldecoder("utf-8")(errors="strict"), False, 1, ""
+    json_lines = path.name.endswith((".jsonl", ".jsonl.gz"))
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-            while chunk := handle.read(1 << 16):
-                if chunk.strip():
-                    return True
+        with opener(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                if b"\0" in chunk:
+                    raise CorpusError(f"corpus file {path} holds NUL bytes: it is binary or UTF-16, not UTF-8 text; pass UTF-8 "
+                                      "text files (iconv -f utf-16 -t utf-8 converts UTF-16)")
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    at = line + chunk[:error.start].count(b"\n")
+                    raise CorpusError(f"corpus file {path} is not UTF-8 (byte 0x{chunk[error.start]:02x} on line {at}); convert "
+                                      "it, e.g. iconv -f latin1 -t utf-8, or pass another file") from None
+                has_text = has_text or bool(text.strip())
+                if json_lines:
+                    lines = (tail + text).split("\n")
+                    tail = lines.pop()
+                    for offset, record in enumerate(lines):
+                        _check_json_line(path, line + offset, record)
+                line += text.count("\n")
+            decoder.decode(b"", final=True)
+            if json_lines and tail:
+                _check_json_line(path, line, tail)
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus file {path} ends inside a UTF-8 character; the file is truncated or not UTF-8") from None
     except (OSError, EOFError) as error:
         raise CorpusError(f"cannot read corpus file {path} ({error}); pass readable UTF-8 text files") from None
-    return False
+    return has_text
+
+
+def _check_json_line(path: Path, number: int, record: str) -> None:
+    import json
+
+    if not record.strip():
+        return
+    try:
+        value = json.loads(record)
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"line {number} of corpus file {path} is not valid JSON ({error.msg}); give one JSON object per "
+                          'line, e.g. {"text": "..."}') from None
+    if not isinstance(value, dict) or not isinstance(value.get("text", ""), str):
+        raise CorpusError(f'line {number} of corpus file {path} is not a JSON object with a "text" string; give one per line')
+
+
+def _has_text(path: Path) -> bool:
+    stat = path.stat()
+    return _check_text_file(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 def _is_corpus_file(path: Path) -> bool:
@@ -131,7 +176,13 @@ def _load_text(source: list[str] | str, cache_dir: str | None):
     parts.append((run_builder, run))
     loaded = []
     for builder, files in parts:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        try:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        except Exception as error:  # noqa: BLE001 - the files were checked; what is left is still the user's input
+            cause = error.__cause__ or error
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise CorpusError(f"datasets could not read the corpus files {', '.join(files)} ({type(cause).__name__}: "
+                              f"{reason}); pass UTF-8 text files or JSON lines with a \"text\" field") from None
         if "text" not in dataset.column_names:
             raise CorpusError(f"JSON corpus files {files} have no 'text' field; give each record a \"text\" string")
         loaded.append(dataset.select_columns(["text"]))

@@ -25,6 +25,7 @@ from .compactors import attach
 from .config import WIDConfig
 from .export import fold_trained, save_student
 from .fold import fold
+from .run_folder import RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, resume_checkpoint
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, compactor_lr_after, fit_w_step, flush_denormals,
                        penalty_budget_notice, warmup_steps_for)
@@ -76,17 +77,26 @@ class DistillArguments:
     kd_alpha: float = field(default=0.5, metadata={"help": "method kd: weight of the teacher-logit loss (1 - alpha: MLM loss)"})
 
 
-class RunError(ValueError):
-    """Bad input to a run: one line that names the fix."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def teacher_config(name_or_path: str):
-    """The teacher's config, checked for WID support (no weights loaded: bad input fails fast)."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except Exception as exc:
-        raise RunError(f"cannot load the teacher '{name_or_path}' ({type(exc).__name__}); pass a local model directory "
-                       "(config.json + weights) or a hub name while online") from None
+    """The teacher's config, checked for WID support (no weights loaded: bad input fails fast). A local folder must
+    hold a readable config.json and a weights file, and must not be a wid training checkpoint."""
+    from .export import plain_model_config
+
+    if Path(name_or_path).is_dir():
+        config = plain_model_config(name_or_path, RunError, role="teacher")
+        check_supported_config(config)
+        if not any((Path(name_or_path) / name).is_file() for name in WEIGHT_FILES):
+            raise RunError(f"the teacher folder {name_or_path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); save the "
+                           "model there with save_pretrained or re-download it")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except Exception as exc:
+            raise RunError(f"cannot load the teacher '{name_or_path}' ({type(exc).__name__}); pass a local model directory "
+                           "(config.json + weights) or a hub name while online") from None
     check_supported_config(config)
     return config
 
@@ -96,10 +106,17 @@ def load_teacher(name_or_path: str):
     from .data import load_tokenizer
 
     tokenizer = load_tokenizer(name_or_path, teacher_config(name_or_path).vocab_size, RunError)  # before any weights
-    model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
-    has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
-    if not has_head:
-        model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
+    try:
+        model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+        has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
+        if not has_head:
+            model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own kind
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RunError(f"cannot load the teacher's weights from {name_or_path} ({type(exc).__name__}: {reason}); the weight "
+                       "file is missing, truncated or corrupt: re-download the teacher or save it again") from None
     return model, tokenizer, has_head
 
 
@@ -123,14 +140,6 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
     if args.kd_temperature <= 0 or not 0 <= args.kd_alpha <= 1:
         raise RunError(f"--kd_temperature must be positive and --kd_alpha in [0, 1], got {args.kd_temperature:g} and "
                        f"{args.kd_alpha:g}")
-
-
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise RunError(f"output_dir {output_dir} is a file; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
-        raise RunError(f"output_dir {output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint, or another --output_dir")
 
 
 def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: str | None = None) -> WIDConfig:
@@ -259,28 +268,58 @@ def representation_spread(model, dataset, count: int = 64, batch_size: int = 16)
 
 
 def run_distillation(args: DistillArguments, training_args: TrainingArguments, callbacks=()) -> dict:
-    """The whole run; returns the summary (also written to output_dir/wid_summary.json)."""
-    from .data import build_mlm_dataset, mlm_collator, resolve_corpus
-    from .mlm_head import load_shipped_head, warmup_key
-    from .teachers import DEFAULT_TEACHER_NAME, default_teacher_path
+    """The whole run; returns the summary (also written to output_dir/wid_summary.json).
+
+    Everything that can be checked without loading weights is checked first; the output folder is then locked
+    for the run (run_folder.RunFolder) and cleaned up if the run fails or is interrupted."""
+    from .data import resolve_corpus
+    from .teachers import default_teacher_path
 
     started = time.time()
     if not torch.cuda.is_available() or training_args.use_cpu:
         flush_denormals()  # before any torch work spawns the CPU thread pool
-    output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
     check_numeric_arguments(args, training_args)
-    check_output_dir(str(output_dir), args.overwrite_output_dir, bool(resume))
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")
     if args.save_widths and args.method != "wid":
         raise RunError("--save_widths needs --method wid (the baselines start at the student's widths)")
-    backend = wid_kernels.set_backend(args.backend)
-
     teacher_name = args.teacher or default_teacher_path()
-    dims = TeacherDims.from_config(teacher_config(teacher_name))
+    teacher = teacher_config(teacher_name)
+    dims = TeacherDims.from_config(teacher)
+    positions = getattr(teacher, "max_position_embeddings", None)
+    if positions is not None and args.max_seq_length > positions:
+        raise RunError(f"--max_seq_length {args.max_seq_length} is beyond the teacher's {positions} position embeddings; "
+                       f"pass --max_seq_length {positions} or less")
     config = wid_config_from(args, dims)
+    for fraction in args.save_widths or ():
+        if fraction * dims.hidden < config.target_hidden:
+            raise RunError(f"--save_widths {fraction:g} is below the student's width ({config.target_hidden} of "
+                           f"{dims.hidden}, {config.target_hidden / dims.hidden:.3g}), so it is never reached; pass "
+                           f"fractions from {config.target_hidden / dims.hidden:.3g} to 1")
     resolve_corpus(args.corpus)
+    if training_args.resume_from_checkpoint:
+        training_args = _trainer_args(training_args, resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    output_dir = Path(training_args.output_dir)
+    folder = RunFolder(output_dir, args.overwrite_output_dir, bool(training_args.resume_from_checkpoint),
+                       main_process=training_args.process_index == 0)
+    try:
+        with folder:
+            return _run(args, training_args, teacher_name, dims, config, callbacks, folder.notices, started)
+    except KeyboardInterrupt:
+        last = last_complete_checkpoint(output_dir / "checkpoints")
+        how = (f"resume with the same command plus --resume_from_checkpoint {last}" if last else
+               "no checkpoint was saved yet: run the same command again")
+        raise RunInterrupted(f"interrupted; {how}") from None
+
+
+def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig, callbacks, notices: list, started: float) -> dict:
+    """The run inside its locked output folder: teacher → data → (head warm-up) → WID or a baseline → student."""
+    from .data import build_mlm_dataset, mlm_collator, resolve_corpus
+    from .mlm_head import load_shipped_head, teacher_fingerprint, warmup_key
+    from .teachers import DEFAULT_TEACHER_NAME
+
+    output_dir = Path(training_args.output_dir)
+    backend = wid_kernels.set_backend(args.backend)
     model, tokenizer, has_head = load_teacher(teacher_name)
     teacher_params = _encoder_parameters(model)
 
@@ -291,8 +330,17 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
         steps = math.ceil(len(dataset) / per_step) * training_args.num_train_epochs
         training_args = _trainer_args(training_args, max_steps=max(1, int(steps)))
+    if args.method == "wid":
+        w_step, notice = fit_w_step(config, dims, training_args.max_steps)
+        config = dataclasses.replace(config, w_step=w_step)
+        if notice:
+            notices.append(notice)
+            print(f"[wid] {notice}")
+    record = dict(method=args.method, teacher=str(teacher_name), teacher_fingerprint=teacher_fingerprint(teacher_name),
+                  wid_config=config.to_dict())
+    if training_args.resume_from_checkpoint:
+        check_resume_settings(training_args.resume_from_checkpoint, record)
     checkpoints = output_dir / "checkpoints"
-    notices = []
 
     head_source = "the teacher's own"
     if not has_head:
@@ -317,9 +365,9 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     teacher_spread = representation_spread(model, probe)
 
     if args.method == "wid":
-        trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks)
+        trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record)
     else:
-        trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks)
+        trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record)
     student, trainer = trained["student"], trained["trainer"]
     spread = representation_spread(student, probe)
     relative_spread = spread / teacher_spread if spread is not None and teacher_spread else None
@@ -370,13 +418,8 @@ def _main_phase_args(training_args, config: WIDConfig, output_dir: Path) -> Trai
                          logging_nan_inf_filter=False, remove_unused_columns=False)
 
 
-def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks) -> dict:
-    """Attach compactors, train with the WID schedule, fold: the method itself."""
-    w_step, notice = fit_w_step(config, dims, training_args.max_steps)
-    if notice:
-        notices.append(notice)
-        print(f"[wid] {notice}")
-    config = dataclasses.replace(config, w_step=w_step)
+def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record) -> dict:
+    """Attach compactors, train with the WID schedule (w_step already fitted to the run), fold: the method itself."""
     notice = penalty_budget_notice(config, dims, training_args.max_steps)
     if notice:
         notices.append(notice)
@@ -384,8 +427,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
     model = attach(model, config)
     if getattr(model.bert, "pooler", None) is not None:
         model.bert.pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
-    trainer = WIDTrainer(model=model, args=_main_phase_args(training_args, config, output_dir), train_dataset=dataset, data_collator=default_data_collator,
-                         processing_class=tokenizer)
+    trainer = WIDTrainer(model=model, args=_main_phase_args(training_args, config, output_dir), train_dataset=dataset,
+                         data_collator=default_data_collator, processing_class=tokenizer, run_record=record)
     student_dirs = {}
 
     def write_width(fraction, snapshot):
@@ -411,18 +454,20 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
                        f"{masked_entry_norm(model):.3g}, cumulative compactor lr after the target {lr_after_target:.3g}): "
                        "the student lost what they carried; train longer after the target")
     student, masked_norm, difference = fold_trained(model)
+    target_step = config.steps_to_target(dims)
     return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference,
-                target_step=config.steps_to_target(dims), student_dirs=student_dirs, masked_fraction=left,
+                target_step=target_step if target_step <= training_args.max_steps else None, student_dirs=student_dirs, masked_fraction=left,
                 lr_after_target=lr_after_target)
 
 
-def _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks) -> dict:
+def _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record) -> dict:
     """A baseline of the same student shape and budget (wid/baselines.py)."""
     if getattr(model.bert, "pooler", None) is not None:
         model.bert.pooler.requires_grad_(False)  # as in WID: unused by MLM training
     student, trainer = train_baseline(args.method, model, config, dataset, tokenizer,
                                       _main_phase_args(training_args, config, output_dir), args.kd_temperature,
-                                      args.kd_alpha, resume=training_args.resume_from_checkpoint, callbacks=callbacks)
+                                      args.kd_alpha, resume=training_args.resume_from_checkpoint, callbacks=callbacks,
+                                      run_record=record)
     return dict(student=student, trainer=trainer)
 
 
@@ -440,7 +485,9 @@ def format_summary(summary: dict) -> str:
         f"FFN {t['intermediate']} → {s['intermediate']}, layers {s['layers']}",
         f"  params    encoder {summary['teacher_encoder_parameters'] / 1e6:.2f} M → {summary['student_encoder_parameters'] / 1e6:.2f} M",
         f"  steps     {summary['steps']} {'WID' if method == 'wid' else method} steps (+{summary['head_warmup_steps']} head warm-up)"
-        + (f"; masks at target from step {summary['schedule_reached_target_at_step']}" if method == "wid" else ""),
+        + (("; masks at target from step {}".format(summary["schedule_reached_target_at_step"])
+            if summary["schedule_reached_target_at_step"] is not None else "; masks never reached the target (cut at once)")
+           if method == "wid" else ""),
         f"  MLM head  {summary.get('teacher_mlm_head', 'n/a')}",
         f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
         f"vs student {fmt(summary['student_heldout_mlm_loss'])}",

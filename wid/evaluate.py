@@ -304,9 +304,12 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
         set_seed,
     )
 
+    from .export import check_writable_folder
+
     config = check_model_dir(model_dir)
     data = load_task(task, train_file, validation_file, text_column, label_column)
     output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{data.name}"
+    check_writable_folder(output_dir, EvaluationError, "results folder (--output_dir)")
     set_seed(seed)  # the new head's initial weights
     tokenizer, model = _load_model(model_dir, config, data.label_names)
     max_seq_length = min(max_seq_length, tokenizer.model_max_length, getattr(config, "max_position_embeddings", max_seq_length))

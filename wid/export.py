@@ -67,9 +67,17 @@ def plain_model_config(model_dir, error=CheckpointError, role: str = "model"):
     if not (path / "config.json").is_file():
         raise error(f"the {role} folder {path} has no config.json; pass a folder written by save_pretrained, wid distill or wid export")
     try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise error(f"the {role} config {path / 'config.json'} is not valid JSON{where}; the file is broken or truncated: "
+                    "restore it (re-download or save_pretrained again)") from None
+    try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable config gets the same advice
-        raise error(f"cannot read the {role} config {path / 'config.json'} ({type(exc).__name__}); the folder is corrupt") from None
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise error(f"cannot read the {role} config {path / 'config.json'} ({type(exc).__name__}: {reason}); the folder is "
+                    "corrupt") from None
     if isinstance(getattr(config, "wid", None), dict):
         raise error(f"the {role} folder {path} is a wid distill training checkpoint: fold it first with "
                     f"`wid export {path} STUDENT_DIR`, then use STUDENT_DIR")
@@ -163,6 +171,26 @@ def fold_trained(model):
     return student, masked_norm, verify_fold(model, student)
 
 
+def check_writable_folder(folder, error=CheckpointError, what: str = "output folder") -> list[Path]:
+    """Make sure files can be written in `folder` (created if missing) before any work is done; `error`, one line,
+    if not. Returns the folders it created, outermost first, so a caller can remove them after a failure."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise error(f"the {what} {folder} is a file; choose a folder")
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise error(f"cannot write to the {what} {folder} ({exc.strerror or type(exc).__name__}); choose a writable "
+                    "location") from None
+    return created
+
+
 def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> None:
     """Refuse, before any work, a target that is the checkpoint itself or lies inside it (the export would
     destroy its own source), and a non-empty target unless `overwrite`."""
@@ -173,6 +201,7 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
         raise CheckpointError(f"the export target {output_dir} is a file; choose a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"the export target {output_dir} is not empty; pass --overwrite to write the student into it anyway, or choose another folder")
+    check_writable_folder(output_dir, CheckpointError, "export target")
 
 
 def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False) -> dict:

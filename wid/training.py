@@ -10,13 +10,17 @@ Mixed precision, gradient accumulation, many GPUs, logging and resuming come fro
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .compactors import wid_state
 from .data import mask_tokens
@@ -65,14 +69,26 @@ def unwrap(model):
 
 
 class MaskedLMTrainer(Trainer):
-    """Trainer whose loss is the masked-LM cross-entropy computed at the masked positions only."""
+    """Trainer whose loss is the masked-LM cross-entropy computed at the masked positions only.
 
-    def __init__(self, *args, **kwargs):
+    Its checkpoints are safe to resume from: each is written to a staging folder and renamed into place (a kill
+    never leaves a half one), only when every weight is finite, with `run_record` (what produced it) beside it;
+    loading a damaged one, or a loss that turns NaN, ends in one line naming the last good checkpoint; a resume
+    takes the learning rates and optimizer settings given now, not the checkpoint's."""
+
+    def __init__(self, *args, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.selector = MaskedPositionSelector(unwrap(self.model).cls)
         self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; the Trainer scales for accumulation
+        self.run_record = run_record
+        self.saved_checkpoints: list[tuple[int, Path]] = []  # (step, folder) written by this run, oldest first
+        self.resumed_from: str | None = None
         if self.args.device.type == "cpu":
             flush_denormals()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.resumed_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -100,12 +116,112 @@ class MaskedLMTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
-            last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir else None
-            where = f"resume from {last}" if last else "no checkpoint was saved yet; restart"
-            raise TrainingDivergedError(
-                f"the loss became {float(loss)} at step {self.state.global_step + 1}; {where} with a lower learning rate or fp32"
-            )
+            raise TrainingDivergedError(self._divergence_message(float(loss)))
         return loss
+
+    def last_good_checkpoint(self, before_step: int | None = None) -> str | None:
+        """The newest checkpoint of this run (or the one it resumed from) saved before `before_step`."""
+        good = [str(path) for step, path in self.saved_checkpoints if before_step is None or step < before_step]
+        return good[-1] if good else self.resumed_from
+
+    def _divergence_message(self, loss: float) -> str:
+        """The loss was computed from the weights after `global_step` steps, so a checkpoint of that step (or later)
+        holds weights that give it: it is renamed `diverged-checkpoint-N` (never resumed from by accident)."""
+        step = self.state.global_step
+        for saved_step, path in self.saved_checkpoints:
+            if saved_step >= step and path.is_dir() and self.is_world_process_zero():
+                path.rename(path.with_name(f"diverged-{path.name}"))
+        last = self.last_good_checkpoint(before_step=step)
+        where = f"resume from {last}" if last else "no good checkpoint was saved yet; restart"
+        return f"the loss became {loss} at step {step + 1}; {where} with a lower learning rate or fp32"
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from .run_folder import RUN_FILE, STAGING_PREFIX
+
+        step = self.state.global_step
+        if not weights_finite(self.model):
+            print(f"[wid] step {step}: some weights are NaN or infinite; checkpoint-{step} is not written")
+            return
+        run_dir = Path(self.args.output_dir)
+        staging = run_dir / f"{STAGING_PREFIX}{step}"
+        self.args.output_dir = str(staging)  # the Trainer writes every file of the checkpoint there, on every rank
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run_dir)
+        written, target = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
+        if self.is_world_process_zero() and self.run_record is not None:
+            (written / RUN_FILE).write_text(json.dumps(self.run_record, indent=2, default=str))
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(written, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        self.saved_checkpoints.append((step, target))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _damaged_checkpoint(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint):
+        with _damaged_checkpoint(checkpoint):
+            super()._load_rng_state(checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Load the checkpoint's optimizer moments and schedule position, but keep the learning rates and optimizer
+        settings of this run: a resume after a divergence must be able to lower them."""
+        if checkpoint is None or self.optimizer is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        wanted = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        with _damaged_checkpoint(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        changed = []
+        for index, (group, fresh) in enumerate(zip(self.optimizer.param_groups, wanted)):
+            base = fresh.get("initial_lr", fresh["lr"])
+            if group.get("initial_lr", base) != base:
+                changed.append(f"group {index} lr {base:g} (checkpoint {group['initial_lr']:g})")
+            for key, value in fresh.items():
+                if key not in ("lr", "initial_lr") and group.get(key) != value:
+                    changed.append(f"group {index} {key} {value} (checkpoint {group.get(key)})")
+                    group[key] = value
+            group["initial_lr"] = base
+        if hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+            for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+                group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if changed:
+            print(f"[wid] resuming from {checkpoint} with this run's optimizer settings: {'; '.join(changed)}")
+
+
+@contextlib.contextmanager
+def _damaged_checkpoint(checkpoint):
+    """Turn whatever a truncated or corrupt checkpoint file raises into one line that names what to do."""
+    from .run_folder import RunError
+
+    try:
+        yield
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load, safetensors and pickle each raise their own kind
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RunError(f"cannot resume from {checkpoint} ({type(exc).__name__}: {reason}): a file of the checkpoint is "
+                       "truncated or corrupt; resume from an earlier checkpoint-N") from None
+
+
+@torch.no_grad()
+def weights_finite(model) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
 
 
 class WIDTrainer(MaskedLMTrainer):
@@ -245,6 +361,10 @@ def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:
     if updates == 0 or config.w_step * updates <= 0.8 * steps:
         return config.w_step, None
     fitted = max(1, math.floor(0.8 * steps / updates))
+    if fitted == config.w_step:  # already as short as it gets
+        return fitted, None if fitted * updates <= steps else (
+            f"max_steps={steps} is shorter than the schedule's {updates} mask updates: the remaining channels are cut at "
+            "once at the end")
     if fitted * updates > steps:
         return fitted, (
             f"max_steps={steps} is shorter than the schedule's {updates} mask updates: masks are updated every step "

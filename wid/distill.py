@@ -25,10 +25,10 @@ from .compactors import attach
 from .config import WIDConfig
 from .export import fold_trained, save_student
 from .fold import fold
-from .run_folder import RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, resume_checkpoint
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
-from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, compactor_lr_after, fit_w_step, flush_denormals,
-                       penalty_budget_notice, warmup_steps_for)
+from .run_folder import RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, resume_checkpoint
+from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
+                       flush_denormals, penalty_budget_notice, warmup_steps_for)
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (under 10 minutes).
 # Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
@@ -54,6 +54,9 @@ class DistillArguments:
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
     update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
                                                                   "first-moment injection without its extra decay)"})
+    recipe: str = field(default="auto", metadata={"help": "auto (from the budget) | paper (the authors' schedule alone) | "
+                                                          "short (masked entries also shrink linearly to exactly 0 by the "
+                                                          "end, so the cut is exact at any budget)"})
     schedule_rounding: str = field(default="authors", metadata={"help": "authors (their pruned counts per mask update) | "
                                                                         "ceil (even growth, rounded up)"})
     w_step: int | None = field(default=None, metadata={"help": "steps between mask updates (default 500, fitted to max_steps)"})
@@ -336,8 +339,12 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         if notice:
             notices.append(notice)
             print(f"[wid] {notice}")
-    record = dict(method=args.method, teacher=str(teacher_name), teacher_fingerprint=teacher_fingerprint(teacher_name),
-                  wid_config=config.to_dict())
+        recipe, why = choose_recipe(args.recipe, config, dims, training_args.max_steps)
+        print(f"[wid] recipe {recipe} ({why})")
+    else:
+        recipe = None
+    record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
+                  teacher_fingerprint=teacher_fingerprint(teacher_name), wid_config=config.to_dict())
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
     checkpoints = output_dir / "checkpoints"
@@ -365,7 +372,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     teacher_spread = representation_spread(model, probe)
 
     if args.method == "wid":
-        trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record)
+        trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record,
+                             recipe)
     else:
         trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record)
     student, trainer = trained["student"], trained["trainer"]
@@ -399,6 +407,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "masked_entry_norm_before_fold": trained.get("masked_norm"),
         "masked_compactor_fraction_at_cut": trained.get("masked_fraction"),
         "compactor_lr_after_target": trained.get("lr_after_target"),
+        "recipe": recipe,
         "update_rule": config.update_rule,
         "max_grad_norm": training_args.max_grad_norm,
         "max_logit_difference_fold": trained.get("difference"),
@@ -418,9 +427,11 @@ def _main_phase_args(training_args, config: WIDConfig, output_dir: Path) -> Trai
                          logging_nan_inf_filter=False, remove_unused_columns=False)
 
 
-def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record) -> dict:
-    """Attach compactors, train with the WID schedule (w_step already fitted to the run), fold: the method itself."""
-    notice = penalty_budget_notice(config, dims, training_args.max_steps)
+def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record,
+               recipe: str) -> dict:
+    """Attach compactors, train with the WID schedule (w_step already fitted to the run), fold: the method itself.
+    The short recipe also shrinks the masked entries to exactly 0 by the last step (training.shrink_factor)."""
+    notice = None if recipe == "short" else penalty_budget_notice(config, dims, training_args.max_steps)
     if notice:
         notices.append(notice)
         print(f"[wid] {notice}")
@@ -436,7 +447,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         save_student(fold(snapshot, progressbar=False), path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step})
         student_dirs[fraction] = str(path)
 
-    trainer.add_callback(WIDScheduleCallback(trainer, args.save_widths or (), write_width))
+    shrink_until = training_args.max_steps if recipe == "short" else None
+    trainer.add_callback(WIDScheduleCallback(trainer, args.save_widths or (), write_width, shrink_until))
     for callback in callbacks:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -487,7 +499,8 @@ def format_summary(summary: dict) -> str:
         f"  steps     {summary['steps']} {'WID' if method == 'wid' else method} steps (+{summary['head_warmup_steps']} head warm-up)"
         + (("; masks at target from step {}".format(summary["schedule_reached_target_at_step"])
             if summary["schedule_reached_target_at_step"] is not None else "; masks never reached the target (cut at once)")
-           if method == "wid" else ""),
+           if method == "wid" else "")
+        + (f"; recipe {summary['recipe']}" if summary.get("recipe") else ""),
         f"  MLM head  {summary.get('teacher_mlm_head', 'n/a')}",
         f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
         f"vs student {fmt(summary['student_heldout_mlm_loss'])}",

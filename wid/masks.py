@@ -186,12 +186,17 @@ def update_masks(model) -> KeptWidths:
 
 
 @torch.no_grad()
-def zero_masked_entries(model) -> None:
-    """Set every masked entry (compactor rows/columns, biases, LayerNorm) to exactly zero."""
+def scale_masked_entries(model, factor: float) -> None:
+    """Multiply every masked entry (compactor rows/columns, biases, LayerNorm) by `factor`; kept entries stay."""
     state = wid_state(model)
     for item in masked_parameters(model):
         keep = broadcast_keep(state.keep(item.group), item.param, item.dim)
-        item.param.mul_(keep.to(item.param.dtype))
+        item.param.mul_(torch.where(keep, 1.0, factor).to(item.param.dtype))
+
+
+def zero_masked_entries(model) -> None:
+    """Set every masked entry (compactor rows/columns, biases, LayerNorm) to exactly zero."""
+    scale_masked_entries(model, 0.0)
 
 
 def prune(model) -> KeptWidths:

@@ -126,6 +126,8 @@ def check_resume_settings(checkpoint: str, record: dict) -> None:
     changed = []
     if saved.get("method", "wid") != record["method"]:
         changed.append(f"--method {saved.get('method', 'wid')}")
+    elif saved.get("recipe") not in (None, record.get("recipe")):
+        changed.append(f"--recipe {saved['recipe']} (now {record.get('recipe')})")
     fingerprints = saved.get("teacher_fingerprint"), record.get("teacher_fingerprint")
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         changed.append(f"the teacher {saved.get('teacher')} (its weights differ from {record.get('teacher')}'s)")

@@ -24,7 +24,8 @@ from transformers import Trainer, TrainerCallback
 
 from .compactors import wid_state
 from .data import mask_tokens
-from .masks import KeptWidths, apply_widths, current_widths, masked_entry_norm, update_masks, zero_masked_entries
+from .masks import (KeptWidths, apply_widths, current_widths, masked_entry_norm, scale_masked_entries, update_masks,
+                    zero_masked_entries)
 
 
 def flush_denormals() -> None:
@@ -267,8 +268,9 @@ def uniform_snapshot(model, widths: KeptWidths):
 class WIDScheduleCallback(TrainerCallback):
     """Mask updates every `w_step` steps, their logs, and students at chosen widths along the way."""
 
-    def __init__(self, trainer: WIDTrainer, save_widths=(), on_width=None):
+    def __init__(self, trainer: WIDTrainer, save_widths=(), on_width=None, shrink_until: int | None = None):
         self.trainer = trainer
+        self.shrink_until = shrink_until  # short recipe: masked entries shrink linearly to exactly 0 at this step
         self.save_widths = sorted(set(save_widths), reverse=True)  # fractions of the teacher's hidden width
         self.on_width = on_width  # callable(fraction, snapshot_model) that writes a student
         self.saved: set = set()
@@ -281,12 +283,13 @@ class WIDScheduleCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         model = unwrap(self.trainer.model)
         config = wid_state(model).config
-        if state.global_step % config.w_step:
-            return control
-        update_masks(model)
-        self.trainer.pending_logs.update(width_logs(model))
-        control.should_log = True
-        self._maybe_save_widths(model)
+        if state.global_step % config.w_step == 0:
+            update_masks(model)
+            self.trainer.pending_logs.update(width_logs(model))
+            control.should_log = True
+            self._maybe_save_widths(model)
+        if self.shrink_until is not None and wid_state(model).masks_active:
+            scale_masked_entries(model, shrink_factor(state.global_step, self.shrink_until))
         return control
 
     def _maybe_save_widths(self, model):
@@ -353,6 +356,33 @@ def penalty_budget_notice(config, dims, steps: int) -> str | None:
             f"learning rate of {given:.3g}, and the update rule needs {need} to shrink a masked compactor entry to 1% of "
             f"its initial size (one entry simulated at compactor_lr={config.compactor_lr:g}): the final cut will remove "
             f"channels that still carry signal; give more --max_steps after the target or a smaller --w_step")
+
+
+def shrink_factor(step: int, end: int) -> float:
+    """The short recipe's factor for the masked entries after global step `step`: (end − step) / (end − step + 1),
+    so that an entry masked at step t0 falls linearly, p·(end − t)/(end − t0), to exactly 0 at step `end`. It works
+    beside the update rule's penalty, not through Adam's adaptive step, so it finishes within any budget."""
+    left = max(end - step, 0)
+    return left / (left + 1)
+
+
+RECIPES = ("auto", "paper", "short")
+
+
+def choose_recipe(recipe: str, config, dims, steps: int) -> tuple[str, str]:
+    """(recipe, why): `paper` (the authors' schedule alone) or `short` (plus the linear shrink of masked entries
+    to 0 by the end of the run). `auto` takes `paper` when the run's learning rate after the last mask increase is
+    enough for the penalty to bring masked compactor entries to 1% (penalty_budget_notice), else `short`."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown --recipe {recipe}; choose one of {', '.join(RECIPES)}")
+    if recipe != "auto":
+        return recipe, "given with --recipe"
+    if penalty_budget_notice(config, dims, steps) is None:
+        return "paper", "the run's learning rate after the target lets the penalty finish"
+    given = compactor_lr_after(config, steps, config.steps_to_target(dims))
+    needed = penalty_lr_needed(config)
+    return "short", (f"chosen by --recipe auto: the cumulative compactor lr after the target, {given:.3g}, is below the "
+                     f"{'≈' + format(needed, '.3g') if needed else 'unreachable amount'} the penalty needs")
 
 
 def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:

@@ -1,7 +1,8 @@
 """The `wid` command: distill, export, verify, evaluate, attention, speed, info.
 
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
-                [--method wid|kd|mlm|prune] [--max_steps N] [--w_step N] [--output_dir D] [--backend auto|...]
+                [--method wid|kd|mlm|prune] [--recipe auto|paper|short] [--max_steps N] [--w_step N] [--output_dir D]
+                [--backend auto|...] [--resume_from_checkpoint CHECKPOINT_OR_RUN_DIR]
                 [Trainer options]
     wid export CHECKPOINT_DIR OUTPUT_DIR [--overwrite]
     wid verify CHECKPOINT_DIR STUDENT_DIR [--tolerance 1e-4]
@@ -10,7 +11,8 @@
     wid speed TEACHER_DIR STUDENT_DIR [MORE_DIRS ...] [--batch_size N] [--seq_len N] [--dtype D] [--device D]
     wid info
 
-Bad input ends with one line on stderr that names the fix and exit status 2.
+Bad input ends with one line on stderr that names the fix and exit status 2; Ctrl-C ends `wid distill` with one
+line that says how to resume, exit status 130.
 """
 from __future__ import annotations
 

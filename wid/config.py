@@ -86,6 +86,10 @@ class WIDConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.01
     adam_betas: tuple = (0.9, 0.999)
+    # Adam's bias correction, which the authors' optimizer leaves out; applied as a factor on the learning rate
+    # (training.bias_correction_factor). Without it a run far shorter than 1/(1 − β2) = 1000 steps takes steps
+    # several times Adam's usual size (≈10× at step 10, ≈3× at step 100).
+    bias_correction: bool = False
     adam_eps: float = 1e-6
     layer_norm_eps: float | None = field(default=None)  # None: the teacher's
 

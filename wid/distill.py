@@ -52,6 +52,8 @@ class DistillArguments:
     strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
     alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster; try a ~10x lower --compactor_lr, see benchmarks/QUALITY.md)"})
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
+    bias_correction: bool = field(default=False, metadata={"help": "Adam's bias correction (the authors' optimizer has "
+                                                                  "none), as a learning-rate factor"})
     update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
                                                                   "first-moment injection without its extra decay)"})
     recipe: str = field(default="auto", metadata={"help": "auto (from the budget) | paper (the authors' schedule alone) | "
@@ -158,6 +160,7 @@ def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: s
         alignment=args.alignment,
         criterion=args.criterion,
         update_rule=args.update_rule,
+        bias_correction=args.bias_correction,
         schedule_rounding=args.schedule_rounding,
         w_step=args.w_step or 500,
         penalty=args.penalty,

@@ -239,6 +239,20 @@ class WIDTrainer(MaskedLMTrainer):
             self.optimizer = build_optimizer(unwrap(self.model))
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule, times Adam's bias-correction factor when the WID config asks for it."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        config = wid_state(unwrap(self.model)).config
+        if created and config.bias_correction and hasattr(scheduler, "lr_lambdas"):
+            beta1, beta2 = config.adam_betas
+            scheduler.lr_lambdas = [
+                lambda k, base=base: base(k) * bias_correction_factor(k + 1, beta1, beta2) for base in scheduler.lr_lambdas]
+            for group, factor, initial in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+                group["lr"] = initial * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        return scheduler
+
     def log(self, logs, *args, **kwargs):
         logs.update(self.pending_logs)
         self.pending_logs = {}
@@ -356,6 +370,12 @@ def penalty_budget_notice(config, dims, steps: int) -> str | None:
             f"learning rate of {given:.3g}, and the update rule needs {need} to shrink a masked compactor entry to 1% of "
             f"its initial size (one entry simulated at compactor_lr={config.compactor_lr:g}): the final cut will remove "
             f"channels that still carry signal; give more --max_steps after the target or a smaller --w_step")
+
+
+def bias_correction_factor(step: int, beta1: float, beta2: float) -> float:
+    """Adam's bias correction as a learning-rate factor for optimizer step `step` (1-based): √(1 − β2^t) / (1 − β1^t).
+    Exact for the update direction; eps and the decoupled weight decay then see the corrected learning rate."""
+    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
 
 def shrink_factor(step: int, end: int) -> float:

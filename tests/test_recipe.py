@@ -89,3 +89,23 @@ def test_a_resume_with_another_recipe_is_refused(runs, capsys):
     checkpoint = runs["base"] / "short" / "checkpoints" / "checkpoint-6"
     assert main(runs["argv"]("short", "--recipe", "paper", "--resume_from_checkpoint", str(checkpoint))) == 2
     assert "--recipe short (now paper)" in capsys.readouterr().err
+
+
+def test_bias_correction_multiplies_the_schedule_by_adams_factor(tmp_path):
+    from transformers import get_linear_schedule_with_warmup
+
+    from wid.training import bias_correction_factor, warmup_steps_for
+
+    teacher, corpus = write_teacher(tmp_path / "teacher"), write_corpus(tmp_path / "corpus.txt")
+    argv = distill_argv(teacher, corpus, tmp_path / "out", "--bias_correction", "true", "--compactor_lr", "5e-5")
+    argv[argv.index("--logging_steps") + 1] = "1"
+    assert main(["distill", *argv]) == 0
+    state = json.loads((tmp_path / "out" / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    config = WIDConfig(target_hidden=6, compactor_lr=5e-5)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_linear_schedule_with_warmup(dummy, warmup_steps_for(config, 12), 12).lr_lambdas[0]
+    for step, lr in logged.items():  # the lr logged at global step k is the one step k ran with
+        assert lr == pytest.approx(5e-5 * schedule(step - 1) * bias_correction_factor(step, 0.9, 0.999), rel=1e-6), step
+    assert bias_correction_factor(1, 0.9, 0.999) == pytest.approx(0.1 ** -1 * 0.001 ** 0.5)
+    assert bias_correction_factor(10 ** 6, 0.9, 0.999) == pytest.approx(1.0)

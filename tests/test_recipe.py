@@ -109,3 +109,10 @@ def test_bias_correction_multiplies_the_schedule_by_adams_factor(tmp_path):
         assert lr == pytest.approx(5e-5 * schedule(step - 1) * bias_correction_factor(step, 0.9, 0.999), rel=1e-6), step
     assert bias_correction_factor(1, 0.9, 0.999) == pytest.approx(0.1 ** -1 * 0.001 ** 0.5)
     assert bias_correction_factor(10 ** 6, 0.9, 0.999) == pytest.approx(1.0)
+
+
+def test_the_short_recipe_turns_bias_correction_on_unless_told_otherwise(runs, tmp_path):
+    assert runs["short"]["bias_correction"] is True and runs["paper"]["bias_correction"] is False
+    assert runs["short"]["wid_config"]["bias_correction"] is True
+    assert main(runs["argv"](tmp_path / "off", "--recipe", "short", "--bias_correction", "false")) == 0
+    assert json.loads((tmp_path / "off" / "wid_summary.json").read_text())["bias_correction"] is False

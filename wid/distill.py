@@ -52,8 +52,9 @@ class DistillArguments:
     strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
     alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster; try a ~10x lower --compactor_lr, see benchmarks/QUALITY.md)"})
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
-    bias_correction: bool = field(default=False, metadata={"help": "Adam's bias correction (the authors' optimizer has "
-                                                                  "none), as a learning-rate factor"})
+    bias_correction: bool | None = field(default=None, metadata={"help": "Adam's bias correction as a learning-rate factor "
+                                                                         "(the authors' optimizer has none); default: on "
+                                                                         "with --recipe short, off with paper"})
     update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
                                                                   "first-moment injection without its extra decay)"})
     recipe: str = field(default="auto", metadata={"help": "auto (from the budget) | paper (the authors' schedule alone) | "
@@ -160,7 +161,7 @@ def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: s
         alignment=args.alignment,
         criterion=args.criterion,
         update_rule=args.update_rule,
-        bias_correction=args.bias_correction,
+        bias_correction=bool(args.bias_correction),
         schedule_rounding=args.schedule_rounding,
         w_step=args.w_step or 500,
         penalty=args.penalty,
@@ -343,7 +344,10 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
             notices.append(notice)
             print(f"[wid] {notice}")
         recipe, why = choose_recipe(args.recipe, config, dims, training_args.max_steps)
-        print(f"[wid] recipe {recipe} ({why})")
+        if args.bias_correction is None:
+            config = dataclasses.replace(config, bias_correction=recipe == "short")
+        print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
+              f"{'on' if recipe == 'short' else 'off'}, Adam's bias correction {'on' if config.bias_correction else 'off'}")
     else:
         recipe = None
     record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
@@ -412,6 +416,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "compactor_lr_after_target": trained.get("lr_after_target"),
         "recipe": recipe,
         "update_rule": config.update_rule,
+        "bias_correction": config.bias_correction,
         "max_grad_norm": training_args.max_grad_norm,
         "max_logit_difference_fold": trained.get("difference"),
         "intermediate_students": trained.get("student_dirs", {}),

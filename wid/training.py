@@ -330,13 +330,14 @@ def warmup_steps_for(config, steps: int) -> int:
 
 def compactor_lr_after(config, steps: int, start: int) -> float:
     """Sum of the compactor learning rate over the optimizer steps after global step `start` (linear warm-up,
-    then linear decay to 0 at `steps`: the Trainer's schedule). The step that makes global step k runs at
-    lr · λ(k − 1), where λ is transformers' own linear schedule."""
+    then linear decay to 0 at `steps`: the Trainer's schedule; times Adam's bias-correction factor when the config
+    has it). The step that makes global step k runs at lr · λ(k − 1), where λ is transformers' own linear schedule."""
     from transformers import get_linear_schedule_with_warmup
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     factor = get_linear_schedule_with_warmup(dummy, warmup_steps_for(config, steps), steps).lr_lambdas[0]
-    return config.compactor_lr * sum(factor(k) for k in range(max(start, 0), steps))
+    corrected = (lambda k: bias_correction_factor(k + 1, *config.adam_betas)) if config.bias_correction else (lambda k: 1.0)
+    return config.compactor_lr * sum(factor(k) * corrected(k) for k in range(max(start, 0), steps))
 
 
 def penalty_lr_needed(config, fraction: float = 0.01, limit: int = 200_000) -> float | None:

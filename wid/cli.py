@@ -29,7 +29,7 @@ def _given(argv, name) -> bool:
 def distill(argv) -> int:
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .distill import DEFAULT_RUN, DistillArguments, format_summary, run_distillation
+    from .distill import CLIP_BY_RECIPE, DEFAULT_RUN, DistillArguments, format_summary, run_distillation
 
     parser = HfArgumentParser((DistillArguments, TrainingArguments), prog="wid distill")
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -50,7 +50,7 @@ def distill(argv) -> int:
     if not _given(argv, "report_to"):
         defaults["report_to"] = "none"
     if not _given(argv, "max_grad_norm"):
-        defaults["max_grad_norm"] = 0.0  # the authors do not clip (the Trainer's own default is 1.0)
+        defaults["max_grad_norm"] = CLIP_BY_RECIPE  # the recipe decides (the Trainer's own default is 1.0)
     if not _given(argv, "save_steps") and not _given(argv, "save_strategy"):
         defaults["save_steps"] = 500
     if defaults:

@@ -39,6 +39,13 @@ DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16,
                    logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-5, learning_rate=1e-4)
 
 
+# Gradient clipping by recipe, when --max_grad_norm is not given (the CLI passes CLIP_BY_RECIPE): the authors do
+# not clip; the short recipe clips at 1.0, which kept the default run's student from collapsing in the study of
+# benchmarks/QUALITY.md (2026-12-02). The baselines get the paper value, as before.
+CLIP_BY_RECIPE = -1.0
+RECIPE_CLIPPING = {"paper": 0.0, "short": 1.0}
+
+
 @dataclass
 class DistillArguments:
     """WID flags of `wid distill` (the Trainer's flags come from TrainingArguments)."""
@@ -52,9 +59,8 @@ class DistillArguments:
     strategy: str = field(default="dim", metadata={"help": "dim (narrower heads) | head (fewer heads)"})
     alignment: str = field(default="mask", metadata={"help": "mask (authors' code) | tied (poster; try a ~10x lower --compactor_lr, see benchmarks/QUALITY.md)"})
     criterion: str = field(default="representative", metadata={"help": "representative | group"})
-    bias_correction: bool | None = field(default=None, metadata={"help": "Adam's bias correction as a learning-rate factor "
-                                                                         "(the authors' optimizer has none); default: on "
-                                                                         "with --recipe short, off with paper"})
+    bias_correction: bool = field(default=False, metadata={"help": "Adam's bias correction as a learning-rate factor (the "
+                                                                  "authors' optimizer has none)"})
     update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
                                                                   "first-moment injection without its extra decay)"})
     recipe: str = field(default="auto", metadata={"help": "auto (from the budget) | paper (the authors' schedule alone) | "
@@ -161,7 +167,7 @@ def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: s
         alignment=args.alignment,
         criterion=args.criterion,
         update_rule=args.update_rule,
-        bias_correction=bool(args.bias_correction),
+        bias_correction=args.bias_correction,
         schedule_rounding=args.schedule_rounding,
         w_step=args.w_step or 500,
         penalty=args.penalty,
@@ -337,6 +343,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
         steps = math.ceil(len(dataset) / per_step) * training_args.num_train_epochs
         training_args = _trainer_args(training_args, max_steps=max(1, int(steps)))
+    recipe = None
     if args.method == "wid":
         w_step, notice = fit_w_step(config, dims, training_args.max_steps)
         config = dataclasses.replace(config, w_step=w_step)
@@ -344,12 +351,11 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
             notices.append(notice)
             print(f"[wid] {notice}")
         recipe, why = choose_recipe(args.recipe, config, dims, training_args.max_steps)
-        if args.bias_correction is None:
-            config = dataclasses.replace(config, bias_correction=recipe == "short")
+    if training_args.max_grad_norm == CLIP_BY_RECIPE:
+        training_args = _trainer_args(training_args, max_grad_norm=RECIPE_CLIPPING[recipe or "paper"])
+    if recipe is not None:
         print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
-              f"{'on' if recipe == 'short' else 'off'}, Adam's bias correction {'on' if config.bias_correction else 'off'}")
-    else:
-        recipe = None
+              f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
     record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
                   teacher_fingerprint=teacher_fingerprint(teacher_name), wid_config=config.to_dict())
     if training_args.resume_from_checkpoint:
@@ -388,8 +394,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     relative_spread = spread / teacher_spread if spread is not None and teacher_spread else None
     if relative_spread is not None and relative_spread < 0.05:
         notices.append(f"the student's output barely varies across inputs ({relative_spread:.2%} of the teacher's spread): it has "
-                       "collapsed to a near-constant representation; for a run this short try --max_grad_norm 1.0 or a lower "
-                       "--compactor_lr, or train longer (see benchmarks/QUALITY.md)")
+                       "collapsed to a near-constant representation; use --recipe short with gradient clipping (its default), a lower "
+                       "--teacher_lr, or train longer (see benchmarks/QUALITY.md)")
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),

@@ -41,7 +41,10 @@ def _run(argv, callbacks=()):
     return run_distillation(args, targs, callbacks=callbacks)
 
 
-def test_the_cli_does_not_clip_gradients_unless_asked(files, tmp_path, monkeypatch):
+def test_the_cli_leaves_clipping_to_the_recipe_unless_asked(files, tmp_path, monkeypatch):
+    """No clipping with the paper recipe (the authors'), 1.0 with the short one, the given value otherwise."""
+    from wid.distill import CLIP_BY_RECIPE
+
     seen = {}
     import wid.distill
 
@@ -52,12 +55,16 @@ def test_the_cli_does_not_clip_gradients_unless_asked(files, tmp_path, monkeypat
         return real(args, training_args, callbacks)
 
     monkeypatch.setattr(wid.distill, "run_distillation", spy)
-    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "a")]) == 0
-    assert seen["max_grad_norm"] == 0.0
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "a"), "--recipe", "paper"]) == 0
+    assert seen["max_grad_norm"] == CLIP_BY_RECIPE
     summary = json.loads((tmp_path / "a" / "wid_summary.json").read_text())
-    assert summary["max_grad_norm"] == 0.0 and summary["update_rule"] == "authors"
+    assert summary["max_grad_norm"] == 0.0 and summary["update_rule"] == "authors" and summary["recipe"] == "paper"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "wid_summary.json").read_text())
+    assert summary["recipe"] == "short" and summary["max_grad_norm"] == 1.0
     assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "b"), "--max_grad_norm", "0.5"]) == 0
     assert seen["max_grad_norm"] == 0.5
+    assert json.loads((tmp_path / "b" / "wid_summary.json").read_text())["max_grad_norm"] == 0.5
 
 
 def test_the_warm_up_is_one_percent_of_the_run_as_a_ratio(files, tmp_path):
@@ -73,7 +80,7 @@ def test_the_warm_up_is_one_percent_of_the_run_as_a_ratio(files, tmp_path):
 def test_the_summary_reports_the_penalty_diagnostics(files, tmp_path):
     from wid.training import compactor_lr_after
 
-    summary = _run(distill_argv(files["teacher"], files["corpus"], tmp_path / "s"))
+    summary = _run(distill_argv(files["teacher"], files["corpus"], tmp_path / "s", "--recipe", "paper"))
     assert 0 < summary["masked_compactor_fraction_at_cut"] < 1.5
     from wid import WIDConfig
 

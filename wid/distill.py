@@ -34,7 +34,8 @@ from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_
 # Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
 # wid ships for it (wid/heads/, built by scripts/train_default_head.py), so no head warm-up runs. The compactors
 # keep the paper's learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the
-# student to a constant output (benchmarks/QUALITY.md; README, "The built-in default run").
+# student to a constant output (benchmarks/QUALITY.md; README, "The built-in default run"). At this budget
+# `--recipe auto` takes the short recipe, whose shrink makes the cut exact instead.
 DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16, w_step=6,
                    logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-5, learning_rate=1e-4)
 

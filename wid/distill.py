@@ -35,9 +35,11 @@ from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_
 # wid ships for it (wid/heads/, built by scripts/train_default_head.py), so no head warm-up runs. The compactors
 # keep the paper's learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the
 # student to a constant output (benchmarks/QUALITY.md; README, "The built-in default run"). At this budget
-# `--recipe auto` takes the short recipe, whose shrink makes the cut exact instead.
+# `--recipe auto` takes the short recipe, whose shrink makes the cut exact instead. The teacher weights keep the
+# paper's 1e-6: in the recipe study (2026-12-02, seeds 42 and 7) 1e-6 gave a better student than 1e-5 (the
+# earlier default) on held-out MLM loss, tweet_sentiment and spread.
 DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16, w_step=6,
-                   logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-5, learning_rate=1e-4)
+                   logging_steps=6, compactor_lr=5e-5, teacher_lr=1e-6, learning_rate=1e-4)
 
 
 # Gradient clipping by recipe, when --max_grad_norm is not given (the CLI passes CLIP_BY_RECIPE): the authors do

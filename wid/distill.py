@@ -100,12 +100,9 @@ def teacher_config(name_or_path: str):
     hold a readable config.json and a weights file, and must not be a wid training checkpoint."""
     from .export import plain_model_config
 
-    if Path(name_or_path).is_dir():
+    local = Path(name_or_path).is_dir()
+    if local:
         config = plain_model_config(name_or_path, RunError, role="teacher")
-        check_supported_config(config)
-        if not any((Path(name_or_path) / name).is_file() for name in WEIGHT_FILES):
-            raise RunError(f"the teacher folder {name_or_path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); save the "
-                           "model there with save_pretrained or re-download it")
     else:
         try:
             config = AutoConfig.from_pretrained(name_or_path)
@@ -113,6 +110,9 @@ def teacher_config(name_or_path: str):
             raise RunError(f"cannot load the teacher '{name_or_path}' ({type(exc).__name__}); pass a local model directory "
                            "(config.json + weights) or a hub name while online") from None
     check_supported_config(config)
+    if local and not any((Path(name_or_path) / name).is_file() for name in WEIGHT_FILES):
+        raise RunError(f"the teacher folder {name_or_path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); save the "
+                       "model there with save_pretrained or re-download it")
     return config
 
 
@@ -126,8 +126,6 @@ def load_teacher(name_or_path: str):
         has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
         if not has_head:
             model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
-    except RunError:
-        raise
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own kind
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RunError(f"cannot load the teacher's weights from {name_or_path} ({type(exc).__name__}: {reason}); the weight "

@@ -197,8 +197,6 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
     source, target = Path(checkpoint_dir).resolve(), Path(output_dir).resolve()
     if target == source or source in target.parents:
         raise CheckpointError(f"the export target {output_dir} is (inside) the checkpoint {checkpoint_dir}; choose another folder")
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"the export target {output_dir} is a file; choose a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"the export target {output_dir} is not empty; pass --overwrite to write the student into it anyway, or choose another folder")
     check_writable_folder(output_dir, CheckpointError, "export target")

@@ -186,10 +186,11 @@ def update_masks(model) -> KeptWidths:
 
 
 @torch.no_grad()
-def scale_masked_entries(model, factor: float) -> None:
-    """Multiply every masked entry (compactor rows/columns, biases, LayerNorm) by `factor`; kept entries stay."""
+def scale_masked_entries(model, factor: float, items: list[MaskedParameter] | None = None) -> None:
+    """Multiply every masked entry (compactor rows/columns, biases, LayerNorm) by `factor`; kept entries stay.
+    `items`: the model's masked_parameters, when a caller that runs this every step has them already."""
     state = wid_state(model)
-    for item in masked_parameters(model):
+    for item in masked_parameters(model) if items is None else items:
         keep = broadcast_keep(state.keep(item.group), item.param, item.dim)
         item.param.mul_(torch.where(keep, 1.0, factor).to(item.param.dtype))
 

@@ -65,12 +65,17 @@ def missing_for_resume(checkpoint: Path) -> list[str]:
     return missing
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N of a checkpoint-N folder name (None for any other name)."""
+    prefix, _, number = path.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
 def checkpoints_in(folder: Path) -> list[Path]:
     """checkpoint-N folders directly in `folder`, oldest (lowest N) first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
+    return sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -94,8 +99,8 @@ def resume_checkpoint(path: str) -> str:
         raise RunError(f"{path} holds no complete checkpoint-N folder; pass one with --resume_from_checkpoint")
     missing = missing_for_resume(given)
     if missing:
-        step = int(given.name[11:]) if given.name[11:].isdigit() else 0
-        earlier = [p for p in checkpoints_in(given.parent) if int(p.name[11:]) < step and not missing_for_resume(p)]
+        step = checkpoint_step(given) or 0
+        earlier = [p for p in checkpoints_in(given.parent) if checkpoint_step(p) < step and not missing_for_resume(p)]
         hint = f"resume from {earlier[-1]} instead" if earlier else "start again without --resume_from_checkpoint"
         raise RunError(f"checkpoint {path} is incomplete (no {', '.join(missing)}): it was cut off while being written; {hint}")
     return str(given)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from transformers import Trainer, TrainerCallback
 
 from .compactors import wid_state
 from .data import mask_tokens
-from .masks import (KeptWidths, apply_widths, current_widths, masked_entry_norm, scale_masked_entries, update_masks,
-                    zero_masked_entries)
+from .masks import (KeptWidths, apply_widths, current_widths, masked_entry_norm, masked_parameters, scale_masked_entries,
+                    update_masks, zero_masked_entries)
 
 
 def flush_denormals() -> None:
@@ -196,11 +197,16 @@ class MaskedLMTrainer(Trainer):
             group["initial_lr"] = base
         if hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
-            for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
-                group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            _apply_schedule(scheduler)
         if changed:
             print(f"[wid] resuming from {checkpoint} with this run's optimizer settings: {'; '.join(changed)}")
+
+
+def _apply_schedule(scheduler) -> None:
+    """Set every group's lr from a LambdaLR's base_lrs and lr_lambdas at its current position (after either changed)."""
+    for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 @contextlib.contextmanager
@@ -248,9 +254,7 @@ class WIDTrainer(MaskedLMTrainer):
             beta1, beta2 = config.adam_betas
             scheduler.lr_lambdas = [
                 lambda k, base=base: base(k) * bias_correction_factor(k + 1, beta1, beta2) for base in scheduler.lr_lambdas]
-            for group, factor, initial in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
-                group["lr"] = initial * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            _apply_schedule(scheduler)
         return scheduler
 
     def log(self, logs, *args, **kwargs):
@@ -285,6 +289,7 @@ class WIDScheduleCallback(TrainerCallback):
     def __init__(self, trainer: WIDTrainer, save_widths=(), on_width=None, shrink_until: int | None = None):
         self.trainer = trainer
         self.shrink_until = shrink_until  # short recipe: masked entries shrink linearly to exactly 0 at this step
+        self._masked = None
         self.save_widths = sorted(set(save_widths), reverse=True)  # fractions of the teacher's hidden width
         self.on_width = on_width  # callable(fraction, snapshot_model) that writes a student
         self.saved: set = set()
@@ -303,7 +308,9 @@ class WIDScheduleCallback(TrainerCallback):
             control.should_log = True
             self._maybe_save_widths(model)
         if self.shrink_until is not None and wid_state(model).masks_active:
-            scale_masked_entries(model, shrink_factor(state.global_step, self.shrink_until))
+            if self._masked is None:  # the same parameters for the whole run: walk the modules once
+                self._masked = masked_parameters(model)
+            scale_masked_entries(model, shrink_factor(state.global_step, self.shrink_until), self._masked)
         return control
 
     def _maybe_save_widths(self, model):
@@ -344,16 +351,28 @@ def penalty_lr_needed(config, fraction: float = 0.01, limit: int = 200_000) -> f
     """The cumulative compactor learning rate the update rule needs to shrink a masked compactor entry from 1
     (identity) to `fraction` of it: one entry simulated with the reference step at a constant compactor_lr
     (no loss gradient; masked from its first step). None if it does not get there within `limit` steps."""
+    return _simulated_penalty_lr(config.compactor_lr, tuple(config.adam_betas), config.adam_eps, config.weight_decay,
+                                 config.penalty, config.update_rule, fraction, limit)
+
+
+@functools.lru_cache(maxsize=32)
+def _simulated_penalty_lr(lr, betas, eps, weight_decay, penalty, update_rule, fraction, limit) -> float | None:
+    """penalty_lr_needed's simulation, once per setting (a run asks for it more than once)."""
     from wid_kernels import reference
 
     p, m, v = (torch.tensor([value], dtype=torch.float64) for value in (1.0, 0.0, 0.0))
     zero, masked = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool)
     for step in range(1, limit + 1):
-        reference.wid_adamw_step(p, zero, m, v, masked, 0, config.compactor_lr, *config.adam_betas, config.adam_eps,
-                                 config.weight_decay, config.penalty, True, True, config.update_rule)
+        reference.wid_adamw_step(p, zero, m, v, masked, 0, lr, *betas, eps, weight_decay, penalty, True, True, update_rule)
         if abs(float(p)) <= fraction:
-            return step * config.compactor_lr
+            return step * lr
     return None
+
+
+def penalty_budget(config, dims, steps: int) -> tuple[float, float | None]:
+    """(given, needed): the cumulative compactor learning rate after the last mask increase, and what the update
+    rule needs to bring a masked compactor entry to 1% (None: not within the simulation)."""
+    return compactor_lr_after(config, steps, config.steps_to_target(dims)), penalty_lr_needed(config)
 
 
 def penalty_budget_notice(config, dims, steps: int) -> str | None:
@@ -361,16 +380,15 @@ def penalty_budget_notice(config, dims, steps: int) -> str | None:
     compactor entries to ~0 (1% of their initial size), so that the final cut removes channels that still
     carry signal. Stated in cumulative compactor learning rate: what the run gives after the last mask
     increase (`compactor_lr_after`) against what the rule needs (`penalty_lr_needed`)."""
-    target = config.steps_to_target(dims)
-    given = compactor_lr_after(config, steps, target)
-    needed = penalty_lr_needed(config)
+    given, needed = penalty_budget(config, dims, steps)
     if needed is not None and given >= needed:
         return None
     need = "more than the simulation's 200000 steps" if needed is None else f"≈{needed:.3g}"
-    return (f"after the last mask increase (step {min(target, steps)} of {steps}) the run gives a cumulative compactor "
-            f"learning rate of {given:.3g}, and the update rule needs {need} to shrink a masked compactor entry to 1% of "
-            f"its initial size (one entry simulated at compactor_lr={config.compactor_lr:g}): the final cut will remove "
-            f"channels that still carry signal; give more --max_steps after the target or a smaller --w_step")
+    return (f"after the last mask increase (step {min(config.steps_to_target(dims), steps)} of {steps}) the run gives a "
+            f"cumulative compactor learning rate of {given:.3g}, and the update rule needs {need} to shrink a masked "
+            f"compactor entry to 1% of its initial size (one entry simulated at compactor_lr={config.compactor_lr:g}): "
+            "the final cut will remove channels that still carry signal; give more --max_steps after the target or a "
+            "smaller --w_step")
 
 
 def bias_correction_factor(step: int, beta1: float, beta2: float) -> float:
@@ -398,10 +416,9 @@ def choose_recipe(recipe: str, config, dims, steps: int) -> tuple[str, str]:
         raise ValueError(f"unknown --recipe {recipe}; choose one of {', '.join(RECIPES)}")
     if recipe != "auto":
         return recipe, "given with --recipe"
-    if penalty_budget_notice(config, dims, steps) is None:
+    given, needed = penalty_budget(config, dims, steps)
+    if needed is not None and given >= needed:
         return "paper", "the run's learning rate after the target lets the penalty finish"
-    given = compactor_lr_after(config, steps, config.steps_to_target(dims))
-    needed = penalty_lr_needed(config)
     return "short", (f"chosen by --recipe auto: the cumulative compactor lr after the target, {given:.3g}, is below the "
                      f"{'≈' + format(needed, '.3g') if needed else 'unreachable amount'} the penalty needs")
 
@@ -412,10 +429,8 @@ def fit_w_step(config, dims, steps: int) -> tuple[int, str | None]:
     if updates == 0 or config.w_step * updates <= 0.8 * steps:
         return config.w_step, None
     fitted = max(1, math.floor(0.8 * steps / updates))
-    if fitted == config.w_step:  # already as short as it gets
-        return fitted, None if fitted * updates <= steps else (
-            f"max_steps={steps} is shorter than the schedule's {updates} mask updates: the remaining channels are cut at "
-            "once at the end")
+    if fitted * updates <= steps and fitted == config.w_step:  # fits, if not within 80%: nothing to change or say
+        return fitted, None
     if fitted * updates > steps:
         return fitted, (
             f"max_steps={steps} is shorter than the schedule's {updates} mask updates: masks are updated every step "

@@ -1,10 +1,10 @@
 """The `wid` command: distill, export, verify, evaluate, attention, speed, info.
 
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
-                [--method wid|kd|mlm|prune] [--recipe auto|paper|short] [--max_steps N] [--w_step N] [--output_dir D]
+                [--method wid|kd|mlm|prune] [--recipe auto|paper|short] [--compensate on|off] [--max_steps N] [--w_step N] [--output_dir D]
                 [--backend auto|...] [--resume_from_checkpoint CHECKPOINT_OR_RUN_DIR]
                 [Trainer options]
-    wid export CHECKPOINT_DIR OUTPUT_DIR [--overwrite]
+    wid export CHECKPOINT_DIR OUTPUT_DIR [--overwrite] [--compensate on|off] [--corpus F ...] [--calibration_batches N]
     wid verify CHECKPOINT_DIR STUDENT_DIR [--tolerance 1e-4]
     wid evaluate MODEL_DIR [--task NAME | --train_file F --validation_file F] [--num_train_epochs N] [--output_dir D]
     wid attention TEACHER_DIR STUDENT_DIR [--output FIGURE.png]
@@ -61,15 +61,30 @@ def distill(argv) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def export(argv) -> int:
+    from .compensate import CALIBRATION_BATCHES, COMPENSATE_CHOICES, DEFAULT_COMPENSATE
     from .export import export_checkpoint
 
     parser = argparse.ArgumentParser(prog="wid export", description="fold a wid distill checkpoint into a plain student")
     parser.add_argument("checkpoint_dir")
     parser.add_argument("output_dir")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output_dir (its student files are replaced)")
+    parser.add_argument("--compensate", choices=COMPENSATE_CHOICES, default=DEFAULT_COMPENSATE,
+                        help="fold what the removed channels still carry into the kept ones (default %(default)s)")
+    parser.add_argument("--corpus", nargs="+", help="calibration text for --compensate on (default: the run's corpus)")
+    parser.add_argument("--calibration_batches", type=_positive_int, default=CALIBRATION_BATCHES,
+                        help="batches of 16 sequences (default %(default)s)")
     args = parser.parse_args(argv)
-    print(json.dumps(export_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite), indent=2))
+    report = export_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite, args.compensate, args.corpus,
+                               args.calibration_batches)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ import wid_kernels
 from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
 from .baselines import METHODS, train_baseline
 from .compactors import attach
+from .compensate import CALIBRATION_BATCHES, COMPENSATE_CHOICES, DEFAULT_COMPENSATE, calibration_source
 from .config import WIDConfig
 from .export import fold_trained, save_student
 from .fold import fold
@@ -66,6 +67,11 @@ class DistillArguments:
                                                                   "authors' optimizer has none)"})
     update_rule: str = field(default="authors", metadata={"help": "authors (their optimizer numerics) | additive (the "
                                                                   "first-moment injection without its extra decay)"})
+    compensate: str = field(default=DEFAULT_COMPENSATE, metadata={"help": "on | off: fold what the removed channels still carry "
+                            "into the kept ones (least squares on calibration batches of the corpus; nothing to do when the "
+                            "masked entries are 0, as after the short recipe). See benchmarks/QUALITY.md"})
+    calibration_batches: int = field(default=CALIBRATION_BATCHES, metadata={"help": "--compensate on: batches of "
+                                     "16 sequences read for the compensation"})
     recipe: str = field(default="auto", metadata={"help": "auto (from the budget) | paper (the authors' schedule alone) | "
                                                           "short (masked entries also shrink linearly to exactly 0 by the "
                                                           "end, so the cut is exact at any budget)"})
@@ -153,6 +159,10 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
     if args.kd_temperature <= 0 or not 0 <= args.kd_alpha <= 1:
         raise RunError(f"--kd_temperature must be positive and --kd_alpha in [0, 1], got {args.kd_temperature:g} and "
                        f"{args.kd_alpha:g}")
+    if args.compensate not in COMPENSATE_CHOICES:
+        raise RunError(f"--compensate {args.compensate} is not known; pass --compensate on or --compensate off")
+    if args.calibration_batches < 1:
+        raise RunError(f"--calibration_batches must be at least 1, got {args.calibration_batches}")
 
 
 def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: str | None = None) -> WIDConfig:
@@ -358,7 +368,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
               f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
     record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
-                  teacher_fingerprint=teacher_fingerprint(teacher_name), wid_config=config.to_dict())
+                  teacher_fingerprint=teacher_fingerprint(teacher_name), wid_config=config.to_dict(), corpus=args.corpus,
+                  max_seq_length=args.max_seq_length)
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
     checkpoints = output_dir / "checkpoints"
@@ -387,7 +398,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
 
     if args.method == "wid":
         trained = _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record,
-                             recipe)
+                             recipe, heldout)
     else:
         trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record)
     student, trainer = trained["student"], trained["trainer"]
@@ -426,6 +437,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "bias_correction": config.bias_correction,
         "max_grad_norm": training_args.max_grad_norm,
         "max_logit_difference_fold": trained.get("difference"),
+        "compensate": args.compensate if args.method == "wid" else None,
+        "compensation": trained.get("compensation"),
         "intermediate_students": trained.get("student_dirs", {}),
         "notices": notices,
         "seconds": round(time.time() - started, 1),
@@ -443,9 +456,10 @@ def _main_phase_args(training_args, config: WIDConfig, output_dir: Path) -> Trai
 
 
 def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, output_dir, notices, callbacks, record,
-               recipe: str) -> dict:
+               recipe: str, heldout=None) -> dict:
     """Attach compactors, train with the WID schedule (w_step already fitted to the run), fold: the method itself.
-    The short recipe also shrinks the masked entries to exactly 0 by the last step (training.shrink_factor)."""
+    The short recipe also shrinks the masked entries to exactly 0 by the last step (training.shrink_factor);
+    --compensate on folds what they still carry into the kept channels (wid.compensate)."""
     notice = None if recipe == "short" else penalty_budget_notice(config, dims, training_args.max_steps)
     if notice:
         notices.append(notice)
@@ -480,9 +494,14 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         notices.append(f"the masked compactor entries still held {left:.0%} of their initial size at the cut (masked-entry norm "
                        f"{masked_entry_norm(model):.3g}, cumulative compactor lr after the target {lr_after_target:.3g}): "
                        "the student lost what they carried; train longer after the target")
-    student, masked_norm, difference = fold_trained(model)
+    calibration = calibration_source(dataset, args.calibration_batches, heldout) if args.compensate == "on" else None
+    student, masked_norm, difference, compensation = fold_trained(model, calibration)
+    if compensation is not None:
+        compensation.update(corpus=args.corpus, max_seq_length=args.max_seq_length, calibration_batches=args.calibration_batches)
+        if compensation["applied"]:
+            print(f"[wid] {compensation_line(compensation)}")
     target_step = config.steps_to_target(dims)
-    return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference,
+    return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference, compensation=compensation,
                 target_step=target_step if target_step <= training_args.max_steps else None, student_dirs=student_dirs, masked_fraction=left,
                 lr_after_target=lr_after_target)
 
@@ -496,6 +515,12 @@ def _train_baseline(model, config, dataset, tokenizer, training_args, args, outp
                                       args.kd_alpha, resume=training_args.resume_from_checkpoint, callbacks=callbacks,
                                       run_record=record)
     return dict(student=student, trainer=trainer)
+
+
+def compensation_line(compensation: dict) -> str:
+    return (f"compensated cut: {compensation['linears_compensated']} linears on {compensation['calibration_tokens']} calibration "
+            f"tokens; KL to the trained model {compensation['kl_to_trained_plain_cut']:.4g} (plain cut) → "
+            f"{compensation['kl_to_trained_compensated']:.4g} nats/token")
 
 
 def format_summary(summary: dict) -> str:
@@ -525,9 +550,14 @@ def format_summary(summary: dict) -> str:
     if summary.get("masked_compactor_fraction_at_cut") is not None:
         lines.append(f"  penalty   masked compactor entries at the cut {summary['masked_compactor_fraction_at_cut']:.3g} of their "
                      f"initial size; cumulative compactor lr after the target {summary['compactor_lr_after_target']:.3g}")
+    compensation = summary.get("compensation")
+    if compensation and compensation.get("applied"):
+        lines.append(f"  {compensation_line(compensation)}")
     if summary["max_logit_difference_fold"] is not None:
-        lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs compactor logits "
-                     f"max diff {summary['max_logit_difference_fold']:.2e}")
+        against = compensation["fold_check_against"] if compensation else "the compactor model"
+        lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs {against}: logits "
+                     f"max diff {summary['max_logit_difference_fold']:.2e}"
+                     + (f" ({compensation['reason']})" if compensation and not compensation.get("applied") else ""))
     lines += [
         f"  student   {summary['student_dir']}  (AutoModelForMaskedLM.from_pretrained / AutoModel)",
         f"  checkpoints {summary['checkpoints_dir']}",

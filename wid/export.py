@@ -18,6 +18,8 @@ from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
 
 from .compactors import attach
 from .config import WIDConfig
+from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
+                         fold_compensated, needs_compensation)
 from .fold import fold, verify_fold
 from .masks import finalize, masked_entry_norm
 
@@ -159,16 +161,27 @@ def _tokenizer_or_none(path):
         return None
 
 
-def fold_trained(model):
-    """(student, masked-entry norm before the cut, max logit difference after it) for a trained model.
+EXACT_CUT = "the masked entries are already 0: the cut is exact"
 
-    Keeps the trained masks if they are at the target (else prunes to it), zeroes the masked
-    entries, folds, and checks the student against the compactor model.
+
+def fold_trained(model, calibration=None) -> tuple:
+    """(student, masked-entry norm before the cut, max logit difference after it, compensation report or None).
+
+    Keeps the trained masks if they are at the target (else prunes to it), zeroes the masked entries, folds, and
+    checks the student against the compactor model. `calibration` (wid.compensate.calibration_source) turns on the
+    compensation of the cut; it is called only when there is something to compensate, and the check then compares
+    against the compensated trained model (wid.compensate), as the report says.
     """
     masked_norm = masked_entry_norm(model)
+    if calibration is not None and needs_compensation(model):
+        batches, evaluation = calibration()
+        student, difference, report = fold_compensated(model, batches, evaluation)
+        return student, masked_norm, difference, dict(applied=True, **report, fold_check_against="the compensated trained model")
     finalize(model)
     student = fold(model)
-    return student, masked_norm, verify_fold(model, student)
+    report = None if calibration is None else dict(applied=False, reason=EXACT_CUT,
+                                                   fold_check_against="the trained model, masked entries zeroed")
+    return student, masked_norm, verify_fold(model, student), report
 
 
 def check_writable_folder(folder, error=CheckpointError, what: str = "output folder") -> list[Path]:
@@ -202,10 +215,31 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
     check_writable_folder(output_dir, CheckpointError, "export target")
 
 
-def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False) -> dict:
-    """Fold a training checkpoint into a student in `output_dir`; returns what was measured."""
+def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATION_BATCHES, seq_len: int | None = None):
+    """The calibration source of a checkpoint: its run's corpus and sequence length (wid_run.json) unless given."""
+    from .run_folder import read_run_record
+
+    record = read_run_record(checkpoint_dir) or {}
+    tokenizer = _tokenizer_or_none(checkpoint_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"{checkpoint_dir} has no tokenizer, which the compensation needs to read the corpus; "
+                              "pass --compensate off, or copy the teacher's tokenizer files into it")
+    corpus = corpus or record.get("corpus")
+    seq_len = seq_len or record.get("max_seq_length") or 128
+    settings = {"corpus": corpus, "max_seq_length": seq_len, "calibration_batches": batches}
+    return corpus_calibration(tokenizer, corpus, seq_len, batches), settings
+
+
+def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compensate: str = DEFAULT_COMPENSATE,
+                      corpus=None, calibration_batches: int = CALIBRATION_BATCHES) -> dict:
+    """Fold a training checkpoint into a student in `output_dir`; returns what was measured. `compensate="on"`:
+    the cut is compensated on `calibration_batches` batches of `corpus` (default: the run's)."""
+    check_compensate(compensate)
     check_export_target(checkpoint_dir, output_dir, overwrite)
-    student, masked_norm, difference = fold_trained(load_checkpoint(checkpoint_dir))
+    calibration, settings = checkpoint_calibration(checkpoint_dir, corpus, calibration_batches) if compensate == "on" else (None, {})
+    student, masked_norm, difference, compensation = fold_trained(load_checkpoint(checkpoint_dir), calibration)
+    if compensation is not None:
+        compensation.update(settings)
     report = {
         "checkpoint": str(checkpoint_dir),
         "student": str(output_dir),
@@ -214,9 +248,21 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False) -> di
         "intermediate_size": student.config.intermediate_size,
         "masked_entry_norm_before_fold": masked_norm,
         "max_logit_difference_after_pruning": difference,
+        "compensate": compensate,
+        "compensation": compensation,
     }
     save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report)
     return report
+
+
+def _student_compensation(student_dir) -> dict | None:
+    """The compensation a student was folded with (its wid_summary.json), if one was applied."""
+    try:
+        summary = json.loads((Path(student_dir) / "wid_summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    compensation = summary.get("compensation") if isinstance(summary, dict) else None
+    return compensation if isinstance(compensation, dict) and compensation.get("applied") else None
 
 
 def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict:
@@ -231,15 +277,26 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
     except Exception as exc:
         raise CheckpointError(f"cannot load the student in {student_dir} ({type(exc).__name__}); pass a folder written by wid distill or wid export") from None
     masked_norm = masked_entry_norm(model)
+    compensation = _student_compensation(student_dir)
     try:
         as_trained = verify_fold(model, student)
-        finalize(model)
-        after = verify_fold(model, student)
+        if compensation is not None:  # compare against the same compensation, computed again from the same data
+            calibration, _ = checkpoint_calibration(checkpoint_dir, compensation.get("corpus"),
+                                                    compensation.get("calibration_batches", CALIBRATION_BATCHES),
+                                                    compensation.get("max_seq_length"))
+            trained, compensated = finalize_calibrated(model, calibration()[0], compensation.get("damping", DAMPING))
+            compensated.prepare(keep_tie=bool(student.config.tie_word_embeddings))
+            with compensated.applied():
+                after = verify_fold(trained, student)
+        else:
+            finalize(model)
+            after = verify_fold(model, student)
     except (RuntimeError, IndexError):  # another vocabulary or embedding layout: logits cannot even be compared
         as_trained = after = float("inf")
     return {
         "max_logit_difference": as_trained,
         "max_logit_difference_after_pruning": after,
+        "compared_against": "the compensated trained model" if compensation is not None else "the trained model, masked entries zeroed",
         "masked_entry_norm": masked_norm,
         "tolerance": tolerance,
         "matches": after <= tolerance,

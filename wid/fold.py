@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -80,84 +81,110 @@ def student_config(model, kept: dict):
     return config
 
 
-def _fold_linear(module, keep_out, keep_in, scale=None) -> tuple:
-    return wid_kernels.reference.fold(
-        _f32(module.output_matrix()), _f32(module.weight), _f32(module.input_matrix()), _f32(module.bias),
-        keep_out, keep_in, scale,
-    )
+@dataclass(frozen=True)
+class LinearFold:
+    """One compacted linear of the model and how it folds: W_S = Q[keep_out]·W·L[:, keep_in] (× scale)."""
+
+    name: str  # the module's name, which is also the student's tensor prefix
+    module: torch.nn.Module
+    keep_out: torch.Tensor | None
+    keep_in: torch.Tensor
+    scale: float | None = None
+    feeds_scores: bool = False  # query/key: its output enters the attention scores (bilinear, see wid.compensate)
+
+    @property
+    def bias_keys(self) -> tuple[str, ...]:
+        if self.name == "cls.predictions.decoder":  # Hugging Face stores the decoder bias twice
+            return (f"{self.name}.bias", "cls.predictions.bias")
+        return (f"{self.name}.bias",)
+
+    def folded(self, keep_in: torch.Tensor | None = None) -> tuple:
+        """(W_S, b_S) in fp32 on the CPU; `keep_in` to fold other input columns (the removed ones, for compensation)."""
+        m = self.module
+        return wid_kernels.reference.fold(
+            _f32(m.output_matrix()), _f32(m.weight), _f32(m.input_matrix()), _f32(m.bias),
+            self.keep_out, self.keep_in if keep_in is None else keep_in, self.scale,
+        )
+
+
+def linear_folds(model, kept: dict) -> list[LinearFold]:
+    """Every compacted linear of the model with its kept rows and columns, in the model's order."""
+    dims = wid_state(model).dims
+    hidden, mlm = kept["hidden"], kept["mlm"]
+    query_scale = math.sqrt(len(hidden) // kept["heads"] / dims.head_dim)
+    folds = []
+    for index, layer in enumerate(model.bert.encoder.layer):
+        prefix, attention, inner = f"bert.encoder.layer.{index}", kept["attention"][index], kept["intermediate"][index]
+        for name in ("query", "key", "value"):
+            scale = query_scale if name == "query" and query_scale != 1.0 else None
+            folds.append(LinearFold(f"{prefix}.attention.self.{name}", getattr(layer.attention.self, name), attention, hidden,
+                                    scale, feeds_scores=name != "value"))
+        folds += [
+            LinearFold(f"{prefix}.attention.output.dense", layer.attention.output.dense, hidden, attention),
+            LinearFold(f"{prefix}.intermediate.dense", layer.intermediate.dense, inner, hidden),
+            LinearFold(f"{prefix}.output.dense", layer.output.dense, hidden, inner),
+        ]
+    predictions = model.cls.predictions
+    folds.append(LinearFold("cls.predictions.transform.dense", predictions.transform.dense, mlm, hidden))
+    folds.append(LinearFold("cls.predictions.decoder", predictions.decoder, None, mlm))
+    return folds
 
 
 @torch.no_grad()
 def folded_state_dict(model, kept: dict, progressbar: bool | None = None) -> dict:
     """Tensors of the student, named as in a plain BertForMaskedLM (plus the pooler, if any)."""
-    state = wid_state(model)
-    dims = state.dims
+    dims = wid_state(model).dims
     hidden, mlm = kept["hidden"], kept["mlm"]
-    student_head_dim = len(hidden) // kept["heads"]
-    query_scale = math.sqrt(student_head_dim / dims.head_dim)
     out = {}
     embeddings = model.bert.embeddings
     e_out = _f32(embeddings.LayerNorm.output_matrix())[hidden]  # |H| × h
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         out[f"bert.embeddings.{name}.weight"] = _f32(getattr(embeddings, name).weight) @ e_out.t()
-    out["bert.embeddings.LayerNorm.weight"] = _f32(embeddings.LayerNorm.weight)[hidden]
-    out["bert.embeddings.LayerNorm.bias"] = _f32(embeddings.LayerNorm.bias)[hidden]
+    norms = {"bert.embeddings.LayerNorm": (embeddings.LayerNorm, hidden)}
+    for index, layer in enumerate(model.bert.encoder.layer):
+        norms[f"bert.encoder.layer.{index}.attention.output.LayerNorm"] = (layer.attention.output.LayerNorm, hidden)
+        norms[f"bert.encoder.layer.{index}.output.LayerNorm"] = (layer.output.LayerNorm, hidden)
+    norms["cls.predictions.transform.LayerNorm"] = (model.cls.predictions.transform.LayerNorm, mlm)
+    for name, (norm, keep) in norms.items():
+        out[f"{name}.weight"], out[f"{name}.bias"] = _f32(norm.weight)[keep], _f32(norm.bias)[keep]
 
-    layers = model.bert.encoder.layer
     show = progressbar if progressbar is not None else dims.hidden * dims.layers >= 768 * 12
-    for index in tqdm(range(len(layers)), desc="folding", disable=not show):
-        layer, prefix = layers[index], f"bert.encoder.layer.{index}"
-        attention, inner = kept["attention"][index], kept["intermediate"][index]
-        self_attention = layer.attention.self
-        for name in ("query", "key", "value"):
-            scale = query_scale if name == "query" and query_scale != 1.0 else None
-            w, b = _fold_linear(getattr(self_attention, name), attention, hidden, scale)
-            out[f"{prefix}.attention.self.{name}.weight"], out[f"{prefix}.attention.self.{name}.bias"] = w, b
-        parts = (
-            ("attention.output", layer.attention.output, hidden, attention),
-            ("intermediate", layer.intermediate, inner, hidden),
-            ("output", layer.output, hidden, inner),
-        )
-        for path, block, keep_out, keep_in in parts:
-            w, b = _fold_linear(block.dense, keep_out, keep_in)
-            out[f"{prefix}.{path}.dense.weight"], out[f"{prefix}.{path}.dense.bias"] = w, b
-            if hasattr(block, "LayerNorm"):
-                out[f"{prefix}.{path}.LayerNorm.weight"] = _f32(block.LayerNorm.weight)[hidden]
-                out[f"{prefix}.{path}.LayerNorm.bias"] = _f32(block.LayerNorm.bias)[hidden]
-
-    predictions = model.cls.predictions
-    transform = predictions.transform
-    w, b = _fold_linear(transform.dense, mlm, hidden)
-    out["cls.predictions.transform.dense.weight"], out["cls.predictions.transform.dense.bias"] = w, b
-    out["cls.predictions.transform.LayerNorm.weight"] = _f32(transform.LayerNorm.weight)[mlm]
-    out["cls.predictions.transform.LayerNorm.bias"] = _f32(transform.LayerNorm.bias)[mlm]
-    w, _ = _fold_linear(predictions.decoder, None, mlm)
-    out["cls.predictions.decoder.weight"] = w
-    out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"] = _f32(predictions.bias)
+    for spec in tqdm(linear_folds(model, kept), desc="folding", disable=not show):
+        weight, bias = spec.folded()
+        out[f"{spec.name}.weight"] = weight
+        for key in spec.bias_keys:
+            out[key] = bias
 
     pooler = getattr(model.bert, "pooler", None)
     if pooler is not None:
         out["bert.pooler.dense.weight"] = _f32(pooler.dense.weight)[hidden][:, hidden]
         out["bert.pooler.dense.bias"] = _f32(pooler.dense.bias)[hidden]
-
-    bad = [name for name, tensor in out.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        raise FoldError(f"non-finite values in the folded {bad[0]} (and {len(bad) - 1} more); the training diverged: "
-                        "fold an earlier checkpoint")
+    check_finite(out)
     return out
 
 
+def check_finite(tensors: dict) -> None:
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise FoldError(f"non-finite values in the folded {bad[0]} (and {len(bad) - 1} more); the training diverged: "
+                        "fold an earlier checkpoint")
+
+
 @torch.no_grad()
-def fold(model, with_head: bool = True, progressbar: bool | None = None):
+def fold(model, with_head: bool = True, progressbar: bool | None = None, compensation=None):
     """Fold an attached model into a plain student (BertForMaskedLM, or BertModel with pooler).
 
     Exact when the masked entries are zero (after `wid.prune`, or closely after WID training);
-    the compactor model is left unchanged.
+    the compactor model is left unchanged. `compensation` (a calibrated `wid.compensate.CutCompensation`)
+    replaces the linears by their compensated versions.
     """
     kept = kept_indices(model)
     config = student_config(model, kept)
     tensors = folded_state_dict(model, kept, progressbar)
     tie = torch.equal(tensors["bert.embeddings.word_embeddings.weight"], tensors["cls.predictions.decoder.weight"])
+    if compensation is not None:
+        tensors.update(compensation.student_tensors(keep_tie=bool(tie)))
+        check_finite(tensors)
     config.tie_word_embeddings = bool(tie)
     with torch.device("cpu"):
         student = BertForMaskedLM(config)

@@ -7,9 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WID_CACHE"] = tempfile.mkdtemp(prefix="wid-test-cache-")  # warmed-up heads of test runs stay out of ~/.cache
 
-import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+
+# Without a GPU the Triton kernels run under their interpreter; with one they must be compiled, so a GPU run tests
+# what it names. Set once here, before any test module imports triton (tests/test_gpu_compiled.py checks it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
 
 def make_teacher(layers=2, heads=3, head_dim=4, intermediate=19, vocab=53, seed=0, act="gelu", **extra):

@@ -1,10 +1,6 @@
 """A short WID training run gives the same masks and losses on every available backend (CPU).
 
-Triton runs under its interpreter here, so it is part of the comparison too."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
+Without a GPU Triton runs under its interpreter (tests/conftest.py), so it is part of the comparison too."""
 import pytest
 import torch
 
@@ -20,8 +16,9 @@ BACKENDS = [name for name, reason in wid_kernels.available_backends().items() if
 def short_run(backend, steps=6):
     previous = wid_kernels.get_backend()
     wid_kernels.set_backend(backend)
+    device = "cuda" if torch.cuda.is_available() and backend in ("triton", "cuda") else "cpu"  # compiled where it can be
     try:
-        model = wid.attach(make_teacher(layers=2, heads=3, head_dim=5, intermediate=17, vocab=41, seed=3),
+        model = wid.attach(make_teacher(layers=2, heads=3, head_dim=5, intermediate=17, vocab=41, seed=3).to(device),
                            wid.WIDConfig(target_hidden=9, target_intermediate=7, w_step=2, hidden_updates=2,
                                          attention_updates=2, intermediate_updates=2, mlm_updates=2, compactor_lr=1e-2))
         model.train()
@@ -34,14 +31,14 @@ def short_run(backend, steps=6):
         for step in range(1, steps + 1):
             ids = torch.randint(0, 41, (4, 13), generator=generator)
             labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.3, ids, -100)
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(float(loss))
             if step % 2 == 0:
                 wid.update_masks(model)
-                masks.append({k: v.clone() for k, v in model.state_dict().items() if k.startswith("wid_state.keep")})
+                masks.append({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("wid_state.keep")})
         return losses, masks
     finally:
         wid_kernels.set_backend(previous)

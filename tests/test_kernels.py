@@ -1,5 +1,6 @@
 """Every op of every available backend against the pure-PyTorch reference: forward and backward,
 odd shapes, several dtypes, kept sets that are empty, full and scattered."""
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,28 @@ def _close(got, expected, dtype, what):
     assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g}"
 
 
+GPU = torch.cuda.is_available()
+CUDA_KERNELS = GPU and getattr(wid_kernels._load("cuda"), "CUDA_BUILT", False)
+# Where each backend's kernels run in these tests: compiled on the GPU when there is one, so a GPU run tests the
+# kernels it names (on the CPU, Triton is its interpreter and the extension its C++ kernels).
+BACKEND_DEVICE = {"triton": "cuda" if GPU else "cpu", "cuda": "cuda" if CUDA_KERNELS else "cpu"}
+
+
+def on_device_of(backend, fn):
+    """`fn` with its tensor arguments moved to the backend's device and its outputs brought back (differentiably)."""
+    device = BACKEND_DEVICE.get(backend, "cpu")
+    if device == "cpu":
+        return fn
+
+    def run(*args, **kwargs):
+        move = lambda t: t.to(device) if torch.is_tensor(t) else t
+        out = fn(*map(move, args), **{key: move(value) for key, value in kwargs.items()})
+        assert all(o.device.type == device for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o))
+        return tuple(o.cpu() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.cpu()
+
+    return run
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     previous = wid_kernels.get_backend()
@@ -66,7 +89,7 @@ def test_compacted_linear_forward_and_backward(backend, tokens, m, k, dtype, kee
         return y.detach(), [t.grad.clone() for t in (x, Q, W, L, b)]
 
     y_ref, grads_ref = run(lambda *a, **kw: reference.compacted_linear(*(t.double() for t in a), **kw).to(dtype))
-    y, grads = run(wid_kernels.compacted_linear)
+    y, grads = run(on_device_of(backend, wid_kernels.compacted_linear))
     _close(y, y_ref, dtype, "y")
     names = ("dx", "dQ", "dW", "dL", "db")
     for name, got, expected in zip(names, grads, grads_ref):
@@ -84,7 +107,7 @@ def test_fold_matches_explicit_products(backend, m, k, dtype, keep_kind):
     generator = torch.Generator().manual_seed(m * k)
     Q, W, L, b = (torch.randn(*s, generator=generator).to(dtype) for s in ((m, m), (m, k), (k, k), (m,)))
     keep_out, keep_in = _keep(m, keep_kind, generator), _keep(k, keep_kind, generator)
-    W_eff, b_eff = wid_kernels.fold(Q, W, L, b, keep_out=keep_out, keep_in=keep_in, scale=0.75)
+    W_eff, b_eff = on_device_of(backend, wid_kernels.fold)(Q, W, L, b, keep_out=keep_out, keep_in=keep_in, scale=0.75)
     full_w = Q.double() @ W.double() @ L.double() * 0.75
     full_b = Q.double() @ b.double() * 0.75
     rows = slice(None) if keep_out is None else keep_out
@@ -122,7 +145,7 @@ def test_masked_layer_norm_forward_and_backward(backend, width, dtype, keep_kind
         return y.detach(), [t.grad.clone() for t in tensors]
 
     y_ref, grads_ref = run(lambda *a: reference.masked_layer_norm(*(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)).to(dtype))
-    y, grads = run(wid_kernels.masked_layer_norm)
+    y, grads = run(on_device_of(backend, wid_kernels.masked_layer_norm))
     _close(y, y_ref, dtype, "y")
     for got, expected in zip(grads, grads_ref):
         _close(got, expected, dtype, "grad")
@@ -160,17 +183,26 @@ def test_environment_variable_selects_the_backend():
     assert out.stdout.strip() == "reference"
 
 
+def _auto_choices(extra_env=None) -> dict:
+    """backends_in_use of `auto` in a fresh process: {device: {op: backend}} for the CPU and the GPU if there is one."""
+    code = ("import json, torch, wid_kernels; devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else []); "
+            "print(json.dumps({d: {op: b for op, (b, _) in wid_kernels.backends_in_use(d).items()} for d in devices}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, WID_BACKEND="auto", PYTHONPATH=root, **(extra_env or {}))
+    return json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+
+
 def test_auto_never_picks_an_interpreted_triton():
-    code = "import wid_kernels, torch; print(wid_kernels.get_backend(), torch.cuda.is_available())"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, WID_BACKEND="auto", TRITON_INTERPRET="1", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out[0] != "triton" or out[1] == "True"
+    for device, choices in _auto_choices({"TRITON_INTERPRET": "1"}).items():
+        assert "triton" not in choices.values(), (device, choices)
 
 
-def test_auto_on_a_machine_without_gpu_picks_the_torch_backend():
-    code = "import wid_kernels, torch; print(wid_kernels.get_backend(), torch.cuda.is_available())"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, WID_BACKEND="auto", PYTHONPATH=root)
-    backend, has_gpu = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert backend == ("cuda" if has_gpu == "True" else "torch")
+def test_auto_chooses_per_op_and_device():
+    choices = _auto_choices()
+    assert choices["cpu"] == {"compacted_linear": "torch", "fold": "reference", "masked_layer_norm": "reference",
+                              "wid_adamw_multi_tensor": "reference"}
+    if "cuda" in choices:  # the first candidate of selection.ORDER that is built here and passes its self-check
+        from wid_kernels.selection import ORDER
+
+        for op, backend in choices["cuda"].items():
+            assert backend in ORDER["cuda"][op] and backend != "reference", (op, backend)

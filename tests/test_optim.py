@@ -1,11 +1,7 @@
 """The WID update rule + AdamW without bias correction (WID_METHOD §5), against hand computation, on every backend."""
 import math
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs under its interpreter on the CPU
 
 import pytest
 
@@ -18,6 +14,8 @@ from conftest import make_teacher, perturb
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-6
 wid_kernels._unavailable.pop("triton", None)  # probed before the interpreter was switched on
 CPU_BACKENDS = [name for name, reason in wid_kernels.available_backends().items() if reason is None]
+# with a GPU the fused optimizers are tested where they run: compiled, on CUDA tensors
+GPU_BACKENDS = ("triton", "cuda") if torch.cuda.is_available() else ()
 
 
 def adam_by_hand(p, grad, keep, penalty, active, is_compactor, lr, decay, m=0.0, v=0.0, rule="authors"):
@@ -71,7 +69,7 @@ def test_one_step_with_masks_active_matches_the_hand_computation_on_every_backen
     previous = wid_kernels.get_backend()
     assert wid_kernels.set_backend(backend) == backend
     try:
-        model, optimizer = _setup(20.0, masks_active=True)
+        model, optimizer = _setup(20.0, masks_active=True, device="cuda" if backend in GPU_BACKENDS else "cpu")
         _check_entries(model, optimizer, steps=1, moments=0.05)
     finally:
         wid_kernels.set_backend(previous)
@@ -89,15 +87,15 @@ def test_an_unknown_update_rule_is_refused():
         WIDConfig(target_hidden=6, update_rule="adam")
 
 
-def _setup(penalty, masks_active, update_rule="authors"):
-    model = wid.attach(make_teacher(layers=1), WIDConfig(target_hidden=6, target_intermediate=9, penalty=penalty, compactor_lr=0.01, teacher_lr=0.001, intermediate_updates=1, mlm_updates=1, hidden_updates=1, attention_updates=1, update_rule=update_rule))
+def _setup(penalty, masks_active, update_rule="authors", device="cpu"):
+    model = wid.attach(make_teacher(layers=1).to(device), WIDConfig(target_hidden=6, target_intermediate=9, penalty=penalty, compactor_lr=0.01, teacher_lr=0.001, intermediate_updates=1, mlm_updates=1, hidden_updates=1, attention_updates=1, update_rule=update_rule))
     perturb(model, scale=0.05)
     if masks_active:
         wid.update_masks(model)
     optimizer = wid.build_optimizer(model)
     generator = torch.Generator().manual_seed(5)
     for param in model.parameters():
-        param.grad = torch.randn(param.shape, generator=generator)
+        param.grad = torch.randn(param.shape, generator=generator).to(device)
     return model, optimizer
 
 

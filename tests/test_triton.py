@@ -14,7 +14,7 @@ import textwrap
 
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # tests/conftest.py sets it too; this keeps the module runnable on its own
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the kernels
 
 import pytest

@@ -119,11 +119,17 @@ def info(argv) -> int:
         f"wid {wid.__version__}, python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"devices: cpu ({os.cpu_count()} cores)"
         + "".join(f", cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())),
-        f"kernel backend in use: {wid_kernels.get_backend()} (set with --backend or WID_BACKEND)",
+        f"kernel backend: {wid_kernels.get_backend()} (set with --backend or WID_BACKEND; auto chooses per op, checks each "
+        "choice once against the reference and falls back with a warning if a kernel fails)",
         "backends:",
     ]
     for name, reason in wid_kernels.available_backends().items():
         lines.append(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices:
+        lines.append(f"ops on {device} (fp32):")
+        for op, (backend, why) in wid_kernels.backends_in_use(device).items():
+            lines.append(f"  {op:24s} {backend:10s} {why}")
     print("\n".join(lines))
     return 0
 

@@ -71,9 +71,10 @@ class InputStatistics:
         self.gram += rows.t() @ rows[:, self.keep]
 
     def predictor(self, cut: torch.Tensor, damping: float, mean_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, c) of x_C ≈ A·x_K + c: the ridge least-squares fit on what was recorded (A = 0, c = μ_C: `mean_only`)."""
+        """(A, c) of x_C ≈ A·x_K + c: the ridge least-squares fit on what was recorded. A = 0, c = μ_C (the mean into
+        the bias) with `mean_only`, which is also the limit of an infinite damping."""
         mean = self.total / max(self.count, 1)
-        if mean_only:
+        if mean_only or damping == float("inf"):
             return torch.zeros(len(cut), len(self.keep), dtype=torch.float64), mean[cut]
         covariance = self.gram / max(self.count, 1) - torch.outer(mean, mean[self.keep])
         kept = covariance[self.keep]

@@ -402,6 +402,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     else:
         trained = _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record)
     student, trainer = trained["student"], trained["trainer"]
+    training_device = training_args.device if trainer is not None else torch.device("cpu")
     spread = representation_spread(student, probe)
     relative_spread = spread / teacher_spread if spread is not None and teacher_spread else None
     if relative_spread is not None and relative_spread < 0.05:
@@ -413,6 +414,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "student_dir": str(output_dir),
         "checkpoints_dir": str(checkpoints),
         "backend": backend,
+        "backends_in_use": {op: name for op, (name, _) in wid_kernels.backends_in_use(training_device).items()},
         "teacher_encoder_parameters": teacher_params,
         "student_encoder_parameters": sum(p.numel() for n, p in student.named_parameters() if n.startswith("bert.")),
         "teacher_widths": {"hidden": dims.hidden, "heads": dims.heads, "intermediate": dims.intermediate, "layers": dims.layers},
@@ -565,5 +567,7 @@ def format_summary(summary: dict) -> str:
     for fraction, path in summary["intermediate_students"].items():
         lines.append(f"  student at {fraction:.0%} width: {path}")
     lines += [f"  note: {n}" for n in summary["notices"]]
-    lines.append(f"  time      {summary['seconds']:.0f} s, backend {summary['backend']}")
+    ops = summary.get("backends_in_use") or {}
+    lines.append(f"  time      {summary['seconds']:.0f} s, backend {summary['backend']}"
+                 + (" (" + ", ".join(f"{op} {name}" for op, name in ops.items()) + ")" if ops else ""))
     return "\n".join(lines)

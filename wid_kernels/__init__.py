@@ -8,8 +8,12 @@
 
 Backends: `reference` (the unfused, UER-style baseline), `torch` (fold-first with torch matmuls),
 and compiled/Triton backends when they are installed. Select with `set_backend(name)` or the
-environment variable `WID_BACKEND`; `auto` (the default) picks the fastest available one.
-An op a backend does not implement falls back to the `torch` backend's, then to the reference.
+environment variable `WID_BACKEND`. `auto` (the default) chooses per op, device and dtype among the
+backends that run there, checks each choice once against the reference and falls back, with one
+warning, when a kernel fails (selection.py); `backends_in_use(device)` says what it chose and why.
+With a backend named explicitly, an op it does not implement falls back to the `torch` backend's, then
+to the reference. Under autocast every backend computes what the reference computes: compacted_linear
+and fold in the autocast dtype, masked_layer_norm in fp32 (as torch's own layer_norm).
 """
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ import importlib
 import os
 import warnings
 
+import torch
+
 from . import reference
+from .selection import OPS, Selection
 
 __all__ = [
     "compacted_linear",
@@ -27,6 +34,7 @@ __all__ = [
     "set_backend",
     "get_backend",
     "available_backends",
+    "backends_in_use",
     "BACKENDS",
 ]
 
@@ -37,8 +45,8 @@ BACKENDS = {
     "triton": "wid_kernels.backends.triton_ops",
     "cuda": "wid_kernels.backends.cuda_ext",
 }
-# A backend module raises ImportError (with the reason) when it cannot run here, e.g. no GPU.
-_AUTO_ORDER = ("cuda", "triton", "torch", "reference")
+# A backend module raises ImportError (with the reason) when it cannot run here, e.g. no GPU; it may define
+# `runs_on(device)` (None, or why not) for the devices its kernels take.
 
 _loaded: dict = {}
 _unavailable: dict = {}
@@ -68,23 +76,13 @@ def available_backends() -> dict:
     return status
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+_selection = Selection(_load)
 
 
 def _resolve(name: str) -> str:
     name = (name or "auto").strip().lower()
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if candidate in ("cuda", "triton") and not _has_gpu():
-                # Triton on the CPU is the interpreter, and the extension's C++ CPU kernels measured slower than
-                # torch's own ops (benchmarks/RESULTS.md: LayerNorm 4.8 vs 0.8 ms, optimizer 193 vs 75 ms, step 3.81 vs 3.63 s)
-                continue
-            if _load(candidate) is not None:
-                return candidate
-        return "reference"
+        return name
     if name not in BACKENDS:
         raise ValueError(f"unknown WID backend '{name}'; choose one of: auto, {', '.join(BACKENDS)}")
     if _load(name) is None:
@@ -94,10 +92,24 @@ def _resolve(name: str) -> str:
 
 
 def set_backend(name: str) -> str:
-    """Select the backend for every op; returns the name actually in use (after fallback)."""
+    """Select the backend for every op ("auto": per op, see selection.py); returns the name actually in use."""
     global _active
     _active = _resolve(name)
     return _active
+
+
+def backends_in_use(device="cpu", dtype=torch.float32) -> dict:
+    """{op: (backend, why)} for tensors of `device` and `dtype` under the current selection."""
+    device = torch.device(device)
+    if get_backend() == "auto":
+        return _selection.table(device, dtype)
+    out = {}
+    for op in OPS:
+        module = next(m for m in (_loaded.get(get_backend()), _load("torch"), reference)
+                      if m is not None and getattr(m, op, None) is not None)
+        name = "reference" if module is reference else next(n for n, m in _loaded.items() if m is module)
+        out[op] = (name, f"{'chosen' if name == get_backend() else 'not in ' + get_backend()} (WID_BACKEND / set_backend)")
+    return out
 
 
 def get_backend() -> str:
@@ -115,6 +127,34 @@ def _op(op_name: str):
     raise AttributeError(op_name)
 
 
+def _call(op_name: str, like, *args):
+    if get_backend() == "auto":
+        return _selection.call(op_name, like, *args)
+    return _op(op_name)(*args)
+
+
+def _autocast_dtype(t):
+    """The dtype autocast would compute a matmul of `t` in, or None outside autocast."""
+    device_type = t.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(tensors, dtype):
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def _matmul_op(op_name: str, like, tensors: list, extra: tuple):
+    """A matmul op under autocast runs, on every backend, on its inputs cast to the autocast dtype (as F.linear)."""
+    dtype = _autocast_dtype(like)
+    if dtype is None:
+        return _call(op_name, like, *tensors, *extra)
+    with torch.autocast(like.device.type, enabled=False):
+        tensors = _cast(tensors, dtype)
+        return _call(op_name, next(t for t in tensors if t is not None), *tensors, *extra)
+
+
 def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     """y = x·(Q·W·L)ᵀ + Q·b, differentiable in every tensor.
 
@@ -122,17 +162,21 @@ def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     Q's rows / L's columns: a backend may leave the gradient of the other rows/columns uncomputed
     (the WID update rule discards it).
     """
-    return _op("compacted_linear")(x, Q, W, L, bias, keep_out, keep_in)
+    return _matmul_op("compacted_linear", x, [x, Q, W, L, bias], (keep_out, keep_in))
 
 
 def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
     """(Q[keep_out]·W·L[:, keep_in])·scale and (Q·b)[keep_out]·scale: the structural re-parameterisation."""
-    return _op("fold")(Q, W, L, bias, keep_out, keep_in, scale)
+    return _matmul_op("fold", W, [Q, W, L, bias], (keep_out, keep_in, scale))
 
 
 def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     """LayerNorm(x + residual) with statistics over the channels where `keep` is True."""
-    return _op("masked_layer_norm")(x, residual, gamma, beta, keep, eps)
+    if _autocast_dtype(x) is None:
+        return _call("masked_layer_norm", x, x, residual, gamma, beta, keep, eps)
+    with torch.autocast(x.device.type, enabled=False):  # fp32, as torch's layer_norm under autocast
+        x, residual, gamma, beta = _cast([x, residual, gamma, beta], torch.float32)
+        return _call("masked_layer_norm", x, x, residual, gamma, beta, keep, eps)
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, *, lr, beta1, beta2,
@@ -144,5 +188,7 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
     `reference.wid_adamw_step`).
     """
     reference.check_update_rule(update_rule)
-    return _op("wid_adamw_multi_tensor")(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1,
-                                        beta2, eps, weight_decay, penalty, masks_active, update_rule)
+    if not params:
+        return None
+    return _call("wid_adamw_multi_tensor", params[0], params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr,
+                 beta1, beta2, eps, weight_decay, penalty, masks_active, update_rule)

@@ -23,7 +23,7 @@ except Exception as exc:  # ImportError, or OSError for a .so built against anot
 
 from .. import reference
 
-__all__ = ["masked_layer_norm", "wid_adamw_multi_tensor", "MaskedLayerNormFunction", "CUDA_BUILT"]
+__all__ = ["masked_layer_norm", "wid_adamw_multi_tensor", "MaskedLayerNormFunction", "CUDA_BUILT", "runs_on"]
 
 CUDA_BUILT = bool(getattr(_C, "cuda_built", False))
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -32,6 +32,13 @@ _ops = torch.ops.wid_kernels
 
 def _runs_here(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and CUDA_BUILT)
+
+
+def runs_on(device: torch.device) -> str | None:
+    """None where the extension has kernels for `device` (its C++ CPU kernels everywhere, CUDA ones if built)."""
+    if _runs_here(device):
+        return None
+    return "the extension was built without CUDA" if device.type == "cuda" else f"no kernels for {device.type}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

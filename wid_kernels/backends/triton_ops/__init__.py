@@ -19,9 +19,19 @@ import torch
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
     raise ImportError("no CUDA GPU visible and TRITON_INTERPRET is not set")
 
+from ._common import INTERPRET  # noqa: E402
 from .compacted_linear import compacted_linear  # noqa: E402
 from .fold import fold  # noqa: E402
 from .masked_layer_norm import masked_layer_norm  # noqa: E402
 from .wid_adamw import wid_adamw_multi_tensor  # noqa: E402
 
-__all__ = ["compacted_linear", "fold", "masked_layer_norm", "wid_adamw_multi_tensor"]
+__all__ = ["compacted_linear", "fold", "masked_layer_norm", "wid_adamw_multi_tensor", "runs_on"]
+
+
+def runs_on(device: torch.device) -> str | None:
+    """None where `auto` may use these kernels: compiled, on a CUDA device (the interpreter is for tests only)."""
+    if device.type != "cuda":
+        return "its kernels take CUDA tensors"
+    if INTERPRET:
+        return "TRITON_INTERPRET is set: the kernels would be interpreted, not compiled"
+    return None

@@ -1,6 +1,7 @@
 """Small helpers shared by the Triton ops: dtype mapping, interpreter detection, cached index lists."""
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
@@ -51,3 +52,11 @@ def kept_indices(keep: torch.Tensor) -> torch.Tensor:
 # transformers) they cannot run under the interpreter. The interpreter recognises this combiner and
 # reduces with numpy; compiled, it is exactly what tl.sum uses.
 SUM = tl.standard._sum_combine
+
+
+def launch(kernel, grid, like: torch.Tensor, *args, **meta):
+    """`kernel[grid](*args, **meta)` on the GPU that holds `like`, not on the current one: a model moved with
+    `.to("cuda:1")` without `torch.cuda.set_device` would otherwise get kernels launched on cuda:0 with its pointers."""
+    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+    with guard:
+        return kernel[grid](*args, **meta)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUM, INTERPRET, TL_DTYPE, dot_precision, kept_indices, upcast_needed
+from ._common import INTERPRET, SUM, TL_DTYPE, dot_precision, kept_indices, launch, upcast_needed
 from ... import reference
 
 __all__ = ["fold", "gather_gemm"]
@@ -129,7 +129,7 @@ def gather_gemm(a, b, *, out=None, rows=None, cols=None, scatter_rows=False, sca
     compute = torch.float32 if upcast_needed(a.dtype, b.dtype) else torch.promote_types(a.dtype, b.dtype)
     bm, bn, bk, group_m, warps, stages = _config(M, N)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _gather_gemm_kernel[grid](
+    launch(_gather_gemm_kernel, grid, out,
         a, b, out, rows if rows is not None else a, cols if cols is not None else a,
         bias_in if has_bias else a, bias_out if has_bias else a,
         u if u is not None else a, v if v is not None else a,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUM, INTERPRET, kept_indices
+from ._common import INTERPRET, SUM, kept_indices, launch
 from ... import reference
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_forward", "masked_layer_norm_backward", "MaskedLayerNormFunction"]
@@ -146,7 +146,7 @@ def masked_layer_norm_forward(x, residual, gamma, beta, keep, eps, out=None):
         return out, mean, rstd
     block_m, block_n, num_warps = _blocks(n_cols)
     grid = (triton.cdiv(n_rows, block_m),)
-    _mln_forward_kernel[grid](
+    launch(_mln_forward_kernel, grid, out,
         x2, r2, gamma if gamma is not None else x2, beta if beta is not None else x2, keep_arg, out, mean, rstd,
         n_rows, n_cols, count, float(eps),
         HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
@@ -176,7 +176,7 @@ def masked_layer_norm_backward(dy, x, residual, gamma, keep, mean, rstd, need_dh
     dgamma_part = torch.empty(n_prog, n_cols, dtype=torch.float32, device=x.device) if need_dgamma else None
     dbeta_part = torch.empty(n_prog, n_cols, dtype=torch.float32, device=x.device) if need_dbeta else None
     if n_cols > 0:
-        _mln_backward_kernel[(n_prog,)](
+        launch(_mln_backward_kernel, (n_prog,), x2,
             dy2, x2, r2, gamma if gamma is not None else x2, keep_arg, mean, rstd,
             dh if need_dh else x2, dgamma_part if need_dgamma else x2, dbeta_part if need_dbeta else x2,
             n_rows, n_cols, count,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TL_DTYPE
+from ._common import INTERPRET, TL_DTYPE, launch
 from ... import reference
 
 __all__ = ["wid_adamw_multi_tensor"]
@@ -180,7 +180,7 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
     for (device, p_dt, g_dt, m_dt, v_dt), items in buckets.items():
         meta, chunks = _tables(items, device)
         decay = 1.0 - lr * weight_decay if weight_decay else 1.0
-        _wid_adamw_kernel[(chunks.shape[0],)](
+        launch(_wid_adamw_kernel, (chunks.shape[0],), chunks,
             meta, chunks, float(lr), float(beta1), float(beta2), float(eps), float(decay),
             float(min(penalty, 1.0)), float(penalty - 1.0),
             P_DT=TL_DTYPE[p_dt], G_DT=TL_DTYPE[g_dt], M_DT=TL_DTYPE[m_dt], V_DT=TL_DTYPE[v_dt],

@@ -43,11 +43,13 @@ class Selection:
     def __init__(self, load):
         self._load = load  # backend name -> module or None (wid_kernels._load)
         self.chosen: dict = {}  # (op, device, dtype) -> (backend, function, reason)
+        self.latest: dict = {}  # (op, device type) -> the function last chosen: what torch.compile traces
         self.dropped: dict = {}  # (op, device, dtype, backend) -> reason
 
     def reset(self) -> None:
         self.chosen.clear()
         self.dropped.clear()
+        self.latest.clear()
 
     def _candidates(self, op: str, device: torch.device, dtype):
         """(backend, function or None, why not) for every candidate of `op` on `device`, in order."""
@@ -88,6 +90,7 @@ class Selection:
             if skipped:
                 reason += f" ({'; '.join(skipped)})"
             self.chosen[key] = (name, function, reason)
+            self.latest[(op, device.type)] = function
             return name, function
         raise RuntimeError(f"no backend can run {op} on {device}")  # unreachable: the reference runs everywhere
 
@@ -103,12 +106,26 @@ class Selection:
         warnings.warn(f"wid_kernels: {op} on the {backend} backend failed on {device} {dtype_name} ({reason}); "
                       f"using {following} for it", RuntimeWarning, stacklevel=4)
 
+    def traced(self, op: str, device_type: str):
+        """What torch.compile traces: the function chosen (and checked) in eager mode on this kind of device, else the
+        first candidate that loads; no check and no fallback inside a compiled graph."""
+        function = self.latest.get((op, device_type))
+        if function is not None:
+            return function
+        for name in ORDER.get(device_type, ORDER["cpu"])[op]:
+            module = reference if name == "reference" else self._load(name)
+            if module is not None and getattr(module, op, None) is not None:
+                return getattr(module, op)
+        return getattr(reference, op)
+
     def call(self, op: str, like: torch.Tensor, *args):
         """Run `op` on the chosen backend; if it raises, drop it and run the next one. When every candidate raises
         (bad input, not a broken kernel), the first error is re-raised and nothing is dropped."""
+        if torch.compiler.is_compiling():
+            return self.traced(op, like.device.type)(*args)
         device, dtype = like.device, like.dtype
         name, function = self.choose(op, device, dtype)
-        if name == "reference" or torch.compiler.is_compiling():
+        if name == "reference":
             return function(*args)
         try:
             return function(*args)

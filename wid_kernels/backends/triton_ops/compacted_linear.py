@@ -12,7 +12,7 @@ weight-side chain runs on the small index-list GEMM kernel:
 Rows of dQ / columns of dL that the WID update rule discards (keep False) are neither read nor
 computed and are left zero, so this part of the backward shrinks as pruning proceeds.
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from ._common import kept_indices
 from .fold import _supported, fold_into, gather_gemm
 from ... import reference
 
-__all__ = ["compacted_linear", "CompactedLinearFunction", "compactor_grads"]
+__all__ = ["compacted_linear", "compactor_grads"]
 
 
 def compactor_grads(dW_eff, db_eff, Q, W, L, bias, rows=None, cols=None, need=(True, True, True, True)):
@@ -53,37 +53,78 @@ def compactor_grads(dW_eff, db_eff, Q, W, L, bias, rows=None, cols=None, need=(T
     return dQ, dW, dL, db
 
 
-class CompactedLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, Q, W, L, bias, keep_out, keep_in):
-        W_eff, b_eff = fold_into(Q, W, L, bias) if (Q is not None or L is not None) else (W, bias)
-        y = F.linear(x, W_eff, b_eff)
-        ctx.save_for_backward(x, Q, W, L, bias, W_eff)
-        # index lists are taken now (cached per mask version), not from saved tensors in backward
-        ctx.rows = None if (keep_out is None or Q is None) else kept_indices(keep_out).to(W.device)
-        ctx.cols = None if (keep_in is None or L is None) else kept_indices(keep_in).to(W.device)
-        return y
+# As torch.library custom ops (schema, fake implementation, autograd), so torch.compile(fullgraph=True) traces a
+# model that uses them: the Triton launches stay opaque to it. Absent optional outputs are empty tensors.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, Q, W, L, bias, W_eff = ctx.saved_tensors
-        need_x, need_q, need_w, need_l, need_b = ctx.needs_input_grad[:5]
-        m, k = W.shape
-        # under autocast y (hence dy) may be in a lower precision than the weights: compute in W_eff's dtype
-        dy2 = dy.reshape(-1, m).to(W_eff.dtype)
-        dx = (dy2 @ W_eff).reshape(x.shape).to(x.dtype) if need_x else None
-        dQ = dW = dL = db = None
-        if need_q or need_w or need_l or need_b:
-            x2 = x.reshape(-1, k).to(W_eff.dtype)
-            dW_eff = dy2.t() @ x2
-            db_eff = dy2.sum(0) if bias is not None else None
-            dQ, dW, dL, db = compactor_grads(dW_eff, db_eff, Q, W, L, bias, ctx.rows, ctx.cols,
-                                             (need_q, need_w, need_l, need_b))
-        return dx, dQ, dW, dL, db, None, None
+
+@torch.library.custom_op("wid_triton::compacted_linear", mutates_args=())
+def _forward(x: torch.Tensor, Q: Optional[torch.Tensor], W: torch.Tensor, L: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], keep_out: Optional[torch.Tensor], keep_in: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, W_eff): W_eff is kept for the backward (empty when there is no compactor: W is used)."""
+    if Q is None and L is None:
+        return F.linear(x, W, bias), W.new_empty(0)
+    W_eff, b_eff = fold_into(Q, W, L, bias)
+    return F.linear(x, W_eff, b_eff), W_eff
+
+
+@_forward.register_fake
+def _forward_fake(x, Q, W, L, bias, keep_out, keep_in):
+    m, k = W.shape
+    y = x.new_empty((*x.shape[:-1], m))
+    if Q is None and L is None:
+        return y, W.new_empty(0)
+    dtype = W.dtype
+    for t in (Q, L):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    return y, W.new_empty((m, k), dtype=dtype)
+
+
+@torch.library.custom_op("wid_triton::compacted_linear_backward", mutates_args=())
+def _backward(dy: torch.Tensor, x: torch.Tensor, Q: Optional[torch.Tensor], W: torch.Tensor, L: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], W_eff: torch.Tensor, keep_out: Optional[torch.Tensor], keep_in: Optional[torch.Tensor],
+              need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dQ, dW, dL, db), empty where not needed or absent."""
+    need_x, need_q, need_w, need_l, need_b = need
+    W_eff = W if W_eff.numel() == 0 and W.numel() else W_eff
+    m, k = W.shape
+    # under autocast y (hence dy) may be in a lower precision than the weights: compute in W_eff's dtype
+    dy2 = dy.reshape(-1, m).to(W_eff.dtype)
+    dx = (dy2 @ W_eff).reshape(x.shape).to(x.dtype) if need_x else None
+    dQ = dW = dL = db = None
+    if need_q or need_w or need_l or need_b:
+        # index lists of the kept rows/columns: cached per mask version, so the host syncs once per mask update
+        rows = None if (keep_out is None or Q is None) else kept_indices(keep_out).to(W.device)
+        cols = None if (keep_in is None or L is None) else kept_indices(keep_in).to(W.device)
+        x2 = x.reshape(-1, k).to(W_eff.dtype)
+        dW_eff = dy2.t() @ x2
+        db_eff = dy2.sum(0) if bias is not None else None
+        dQ, dW, dL, db = compactor_grads(dW_eff, db_eff, Q, W, L, bias, rows, cols, (need_q, need_w, need_l, need_b))
+    return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dQ, dW, dL, db))
+
+
+@_backward.register_fake
+def _backward_fake(dy, x, Q, W, L, bias, W_eff, keep_out, keep_in, need):
+    like = (x, Q, W, L, bias)
+    return tuple(torch.empty_like(t) if wanted and t is not None else dy.new_empty(0) for t, wanted in zip(like, need))
+
+
+def _setup_context(ctx, inputs, output):
+    x, Q, W, L, bias, keep_out, keep_in = inputs
+    ctx.save_for_backward(x, Q, W, L, bias, output[1], keep_out, keep_in)
+
+
+def _autograd_backward(ctx, dy, _dW_eff):
+    x, Q, W, L, bias, W_eff, keep_out, keep_in = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = _backward(dy, x, Q, W, L, bias, W_eff, keep_out, keep_in, need)
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     """Same contract as `reference.compacted_linear`; dQ rows / dL columns outside the kept sets are zero."""
     if not _supported(x, Q, W, L, bias):
         return reference.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)
-    return CompactedLinearFunction.apply(x, Q, W, L, bias, keep_out, keep_in)
+    return _forward(x, Q, W, L, bias, keep_out, keep_in)[0]

@@ -17,6 +17,8 @@ for these shapes (m, k ≥ 384) two launches move less and compute less.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -180,46 +182,90 @@ def fold_into(Q, W, L, bias=None, rows=None, cols=None, scale=1.0, out=None, bia
     return out, b_eff
 
 
-class FoldFunction(torch.autograd.Function):
-    """Differentiable fold (RepVGG-style training through the fold): the backward scatters the
-    student-sized gradient into the teacher-sized dW_eff and runs compacted_linear's chain, which then
-    touches only the kept rows of Q and columns of L."""
+# The differentiable fold (RepVGG-style training through the fold) as torch.library custom ops, so
+# torch.compile(fullgraph=True) traces it: the backward scatters the student-sized gradient into the teacher-sized
+# dW_eff and runs compacted_linear's chain, which then touches only the kept rows of Q and columns of L.
 
-    @staticmethod
-    def forward(ctx, Q, W, L, bias, rows, cols, scale):
-        W_eff, b_eff = fold_into(Q, W, L, bias, rows, cols, scale)
-        if b_eff is bias and bias is not None:
-            b_eff = bias.clone()
-        ctx.save_for_backward(Q, W, L, bias)
-        ctx.rows, ctx.cols, ctx.scale = rows, cols, scale
-        return W_eff, b_eff
 
-    @staticmethod
-    def backward(ctx, gW, gb):
-        from .compacted_linear import compactor_grads
+def _rows_cols(keep_out, keep_in, device):
+    rows = None if keep_out is None else kept_indices(keep_out).to(device)
+    cols = None if keep_in is None else kept_indices(keep_in).to(device)
+    return rows, cols
 
-        Q, W, L, bias = ctx.saved_tensors
-        rows, cols, scale = ctx.rows, ctx.cols, ctx.scale
-        m, k = W.shape
-        if gW is None:
-            gW_full = torch.zeros(m, k, dtype=W.dtype, device=W.device)
-        elif rows is None and cols is None:
-            gW_full = gW * scale
-        else:
-            gW_full = torch.zeros(m, k, dtype=gW.dtype, device=W.device)
-            r = torch.arange(m, device=W.device) if rows is None else rows.long()
-            c = torch.arange(k, device=W.device) if cols is None else cols.long()
-            gW_full[r[:, None], c[None, :]] = gW * scale
-        gb_full = None
-        if bias is not None:
-            gb_full = torch.zeros(m, dtype=bias.dtype, device=W.device)
-            if gb is not None:
-                if rows is None:
-                    gb_full = gb * scale
-                else:
-                    gb_full[rows.long()] = gb * scale
-        dQ, dW, dL, db = compactor_grads(gW_full, gb_full, Q, W, L, bias, rows, cols, ctx.needs_input_grad[:4])
-        return dQ, dW, dL, db, None, None, None
+
+@torch.library.custom_op("wid_triton::fold", mutates_args=())
+def _forward(Q: Optional[torch.Tensor], W: torch.Tensor, L: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             keep_out: Optional[torch.Tensor], keep_in: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_eff, b_eff); b_eff is empty without a bias."""
+    rows, cols = _rows_cols(keep_out, keep_in, W.device)
+    W_eff, b_eff = fold_into(Q, W, L, bias, rows, cols, scale)
+    if b_eff is None:
+        return W_eff, W.new_empty(0)
+    return W_eff, b_eff.clone() if b_eff is bias or b_eff._base is bias else b_eff
+
+
+@_forward.register_fake
+def _forward_fake(Q, W, L, bias, keep_out, keep_in, scale):
+    m, k = W.shape
+    rows = m if keep_out is None else torch.library.get_ctx().new_dynamic_size()
+    cols = k if keep_in is None else torch.library.get_ctx().new_dynamic_size()
+    dtype = W.dtype
+    for t in (Q, L):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    b_dtype = None if bias is None else (bias.dtype if Q is None else torch.promote_types(Q.dtype, bias.dtype))
+    return W.new_empty((rows, cols), dtype=dtype), (W.new_empty(0) if bias is None else W.new_empty(rows, dtype=b_dtype))
+
+
+@torch.library.custom_op("wid_triton::fold_backward", mutates_args=())
+def _backward(gW: torch.Tensor, gb: torch.Tensor, Q: Optional[torch.Tensor], W: torch.Tensor, L: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], keep_out: Optional[torch.Tensor], keep_in: Optional[torch.Tensor], scale: float,
+              need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dW, dL, db), empty where not needed or absent."""
+    from .compacted_linear import compactor_grads
+
+    rows, cols = _rows_cols(keep_out, keep_in, W.device)
+    m, k = W.shape
+    if rows is None and cols is None:
+        gW_full = gW * scale
+    else:
+        gW_full = torch.zeros(m, k, dtype=gW.dtype, device=W.device)
+        r = torch.arange(m, device=W.device) if rows is None else rows.long()
+        c = torch.arange(k, device=W.device) if cols is None else cols.long()
+        gW_full[r[:, None], c[None, :]] = gW * scale
+    gb_full = None
+    if bias is not None:
+        gb_full = torch.zeros(m, dtype=bias.dtype, device=W.device)
+        if gb.numel():
+            if rows is None:
+                gb_full = gb * scale
+            else:
+                gb_full[rows.long()] = gb * scale
+    grads = compactor_grads(gW_full, gb_full, Q, W, L, bias, rows, cols, need)
+    return tuple(t if t is not None else W.new_empty(0) for t in grads)
+
+
+@_backward.register_fake
+def _backward_fake(gW, gb, Q, W, L, bias, keep_out, keep_in, scale, need):
+    return tuple(torch.empty_like(t) if wanted and t is not None else W.new_empty(0) for t, wanted in zip((Q, W, L, bias), need))
+
+
+def _setup_context(ctx, inputs, output):
+    Q, W, L, bias, keep_out, keep_in, scale = inputs
+    ctx.save_for_backward(Q, W, L, bias, keep_out, keep_in)
+    ctx.scale = scale
+
+
+def _autograd_backward(ctx, gW, gb):
+    Q, W, L, bias, keep_out, keep_in = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    if gW is None:
+        gW = W.new_zeros(0 if keep_out is None else int(keep_out.sum()), 0 if keep_in is None else int(keep_in.sum()))
+    gb = W.new_empty(0) if gb is None else gb
+    grads = _backward(gW, gb, Q, W, L, bias, keep_out, keep_in, ctx.scale, need)
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
@@ -227,9 +273,8 @@ def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
     fp64 it defers to the reference."""
     if (Q is None and L is None) or not _supported(Q, W, L, bias) or torch.is_tensor(scale):
         return reference.fold(Q, W, L, bias, keep_out, keep_in, scale)
-    rows = None if keep_out is None else kept_indices(keep_out).to(W.device)
-    cols = None if keep_in is None else kept_indices(keep_in).to(W.device)
     scale = 1.0 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (Q, W, L, bias)):
-        return FoldFunction.apply(Q, W, L, bias, rows, cols, scale)
-    return fold_into(Q, W, L, bias, rows, cols, scale)
+        W_eff, b_eff = _forward(Q, W, L, bias, keep_out, keep_in, scale)
+        return W_eff, (b_eff if bias is not None else None)
+    return fold_into(Q, W, L, bias, *_rows_cols(keep_out, keep_in, W.device), scale)

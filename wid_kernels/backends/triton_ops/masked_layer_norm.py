@@ -13,6 +13,8 @@ by one torch sum, so no atomics are needed.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,7 @@ import triton.language as tl
 from ._common import INTERPRET, SUM, kept_indices, launch
 from ... import reference
 
-__all__ = ["masked_layer_norm", "masked_layer_norm_forward", "masked_layer_norm_backward", "MaskedLayerNormFunction"]
+__all__ = ["masked_layer_norm", "masked_layer_norm_forward", "masked_layer_norm_backward"]
 
 
 @triton.jit
@@ -189,34 +191,65 @@ def masked_layer_norm_backward(dy, x, residual, gamma, keep, mean, rstd, need_dh
     return dh, dgamma, dbeta
 
 
-class MaskedLayerNormFunction(torch.autograd.Function):
-    """Autograd wrapper: saves x, residual (to rebuild h), γ, keep and the per-row mean/rstd."""
+# torch.library custom ops (schema, fake implementation, autograd), so torch.compile(fullgraph=True) traces them.
 
-    @staticmethod
-    def forward(ctx, x, residual, gamma, beta, keep, eps):
-        y, mean, rstd = masked_layer_norm_forward(x, residual, gamma, beta, keep, eps)
-        ctx.save_for_backward(x, residual, gamma, keep, mean, rstd)
-        ctx.has_residual = residual is not None
-        ctx.beta_dtype = None if beta is None else beta.dtype
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, residual, gamma, keep, mean, rstd = ctx.saved_tensors
-        need_x, need_r, need_g, need_b = ctx.needs_input_grad[:4]
-        need_dh = need_x or need_r
-        dh, dgamma, dbeta = masked_layer_norm_backward(
-            dy, x, residual if ctx.has_residual else None, gamma, keep, mean, rstd,
-            need_dh=need_dh, need_dgamma=need_g and gamma is not None, need_dbeta=need_b and ctx.beta_dtype is not None,
-            dh_dtype=x.dtype,
-        )
-        dx = dh if need_x else None
-        dr = None
-        if need_r:
-            dr = dh if residual.dtype == dh.dtype else dh.to(residual.dtype)
-        if dbeta is not None:
-            dbeta = dbeta.to(ctx.beta_dtype)
-        return dx, dr, dgamma, dbeta, None, None
+@torch.library.custom_op("wid_triton::masked_layer_norm", mutates_args=())
+def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+             keep: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): the per-row statistics are kept for the backward."""
+    return masked_layer_norm_forward(x, residual, gamma, beta, keep, eps)
+
+
+@_forward.register_fake
+def _forward_fake(x, residual, gamma, beta, keep, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("wid_triton::masked_layer_norm_backward", mutates_args=())
+def _backward(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+              keep: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, need: list[bool],
+              beta_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual, dγ, dβ), empty where not needed or absent."""
+    need_x, need_r, need_g, need_b = need
+    dh, dgamma, dbeta = masked_layer_norm_backward(
+        dy, x, residual, gamma, keep, mean, rstd, need_dh=need_x or need_r, need_dgamma=need_g and gamma is not None,
+        need_dbeta=need_b and beta_dtype is not None, dh_dtype=x.dtype)
+    dx = dh if need_x else None
+    dr = (dh if residual.dtype == dh.dtype else dh.to(residual.dtype)) if need_r else None
+    if dx is not None and dr is dx:
+        dr = dx.clone()  # outputs must not alias each other
+    if dbeta is not None:
+        dbeta = dbeta.to(beta_dtype)
+    return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dr, dgamma, dbeta))
+
+
+@_backward.register_fake
+def _backward_fake(dy, x, residual, gamma, keep, mean, rstd, need, beta_dtype):
+    need_x, need_r, need_g, need_b = need
+    empty = dy.new_empty(0)
+    return (torch.empty_like(x) if need_x else empty, torch.empty_like(residual) if need_r and residual is not None else empty,
+            torch.empty_like(gamma) if need_g and gamma is not None else empty,
+            x.new_empty(x.shape[-1], dtype=beta_dtype) if need_b and beta_dtype is not None else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, gamma, beta, keep, eps = inputs
+    ctx.save_for_backward(x, residual, gamma, keep, output[1], output[2])
+    ctx.beta_dtype = None if beta is None else beta.dtype
+
+
+def _autograd_backward(ctx, dy, _mean, _rstd):
+    x, residual, gamma, keep, mean, rstd = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = _backward(dy, x, residual, gamma, keep, mean, rstd, need, ctx.beta_dtype)
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def masked_layer_norm(x, residual, gamma, beta, keep, eps):
@@ -226,4 +259,4 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     """
     if any(t is not None and t.dtype == torch.float64 for t in (x, residual, gamma, beta)):
         return reference.masked_layer_norm(x, residual, gamma, beta, keep, eps)
-    return MaskedLayerNormFunction.apply(x, residual, gamma, beta, keep, eps)
+    return _forward(x, residual, gamma, beta, keep, eps)[0]

@@ -20,6 +20,8 @@ tensors' addresses stay the same, so a steady training loop does no host-to-devi
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -156,12 +158,9 @@ def _tables(items, device):
     return meta_t, _chunks(tuple(p.numel() for p, *_ in items), device)
 
 
-def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
-                           weight_decay, penalty, masks_active, update_rule="authors"):
-    """In-place WID-AdamW over lists of tensors: one kernel launch per (device, dtypes) bucket.
-
-    Tensors the kernel cannot address (non-contiguous, >2-D, exotic dtype) take the reference step.
-    """
+def _step(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps, weight_decay, penalty,
+          masks_active, update_rule):
+    """The step itself: tensors bucketed by device and dtypes, one launch per bucket, the rest by the reference."""
     authors = reference.check_update_rule(update_rule)
     buckets: dict = {}
     for i in range(len(params)):
@@ -187,3 +186,34 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
             MASKS_ACTIVE=bool(masks_active), HAS_EXTRA=bool(penalty > 1), AUTHORS=authors, N_META=_N_META, BLOCK=_BLOCK,
             num_warps=4,
         )
+
+
+@torch.library.custom_op("wid_triton::wid_adamw_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _step_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+             exp_avg_sqs: list[torch.Tensor], keeps: list[Optional[torch.Tensor]], keep_axes: list[int],
+             is_compactor: list[bool], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+             penalty: float, masks_active: bool, update_rule: str) -> None:
+    """The step as a torch.library custom op (mutating its state lists), so torch.compile can trace an optimizer
+    step that calls it."""
+    _step(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps, weight_decay, penalty,
+          masks_active, update_rule)
+
+
+@_step_op.register_fake
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps, weight_decay,
+               penalty, masks_active, update_rule):
+    return None
+
+
+def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr, beta1, beta2, eps,
+                           weight_decay, penalty, masks_active, update_rule="authors"):
+    """In-place WID-AdamW over lists of tensors: one kernel launch per (device, dtypes) bucket.
+
+    Tensors the kernel cannot address (non-contiguous, >2-D, exotic dtype) take the reference step.
+    """
+    reference.check_update_rule(update_rule)
+    if not params:
+        return
+    _step_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(keeps), [int(a) for a in keep_axes],
+             [bool(c) for c in is_compactor], float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+             float(penalty), bool(masks_active), update_rule)

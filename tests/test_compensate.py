@@ -10,7 +10,7 @@ import torch
 import wid
 from wid import WIDConfig
 from wid.cli import main
-from wid.compensate import InputStatistics, fold_compensated, needs_compensation
+from wid.compensate import DEFAULT_COMPENSATE, InputStatistics, fold_compensated, needs_compensation
 from wid.export import fold_trained
 from wid.masks import apply_schedule
 
@@ -128,10 +128,11 @@ def test_an_exact_cut_reads_no_calibration_data():
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
-    """A tiny run of the paper recipe: its masked entries are not zero at the cut, so the default compensation works."""
+    """A tiny run of the paper recipe: its masked entries are not zero at the cut, so the compensation has work."""
     base = tmp_path_factory.mktemp("compensate")
     teacher, corpus = write_teacher(base / "teacher"), write_corpus(base / "corpus.txt")
-    assert main(["distill", *distill_argv(teacher, corpus, base / "run", "--recipe", "paper", "--calibration_batches", "2")]) == 0
+    assert main(["distill", *distill_argv(teacher, corpus, base / "run", "--recipe", "paper", "--compensate", "on",
+                                          "--calibration_batches", "2")]) == 0
     return dict(base=base, run=base / "run", checkpoint=base / "run" / "checkpoints" / "checkpoint-12", corpus=corpus)
 
 
@@ -148,13 +149,15 @@ def test_distill_compensates_the_cut_and_says_so(paper_run, capsys):
     assert report["matches"] and report["compared_against"] == "the compensated trained model"
 
 
-def test_export_compensates_by_default_and_not_when_asked(paper_run, capsys):
-    on, off = paper_run["base"] / "on", paper_run["base"] / "off"
-    assert main(["export", str(paper_run["checkpoint"]), str(on), "--calibration_batches", "2"]) == 0
+def test_export_compensates_when_asked(paper_run, capsys):
+    on, off, default = (paper_run["base"] / name for name in ("on", "off", "default"))
+    assert main(["export", str(paper_run["checkpoint"]), str(on), "--compensate", "on", "--calibration_batches", "2"]) == 0
     on_report = json.loads(capsys.readouterr().out)
     assert main(["export", str(paper_run["checkpoint"]), str(off), "--compensate", "off"]) == 0
     off_report = json.loads(capsys.readouterr().out)
     assert on_report["compensation"]["applied"] and off_report["compensation"] is None
+    assert main(["export", str(paper_run["checkpoint"]), str(default)]) == 0
+    assert json.loads(capsys.readouterr().out)["compensate"] == DEFAULT_COMPENSATE
     assert on_report["max_logit_difference_after_pruning"] <= 1e-4 and off_report["max_logit_difference_after_pruning"] <= 1e-4
     for student in (on, off):  # each matches its own target
         assert main(["verify", str(paper_run["checkpoint"]), str(student)]) == 0

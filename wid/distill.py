@@ -27,8 +27,9 @@ from .config import WIDConfig
 from .export import fold_trained, save_student
 from .fold import fold
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
-from .run_folder import RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, resume_checkpoint
-from .training import (MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
+from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, read_run_record,
+                         resume_checkpoint)
+from .training import (RECIPES, MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
                        flush_denormals, penalty_budget_notice, warmup_steps_for)
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (under 10 minutes).
@@ -362,6 +363,10 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
             notices.append(notice)
             print(f"[wid] {notice}")
         recipe, why = choose_recipe(args.recipe, config, dims, training_args.max_steps)
+        started_with = (read_run_record(training_args.resume_from_checkpoint) or {}).get("recipe") \
+            if training_args.resume_from_checkpoint and args.recipe == "auto" else None
+        if started_with in RECIPES[1:] and started_with != recipe:  # a resume with other --max_steps keeps its run's recipe
+            recipe, why = started_with, f"the resumed run's; --recipe auto alone would take {recipe} for {training_args.max_steps} steps"
     if training_args.max_grad_norm == CLIP_BY_RECIPE:
         training_args = _trainer_args(training_args, max_grad_norm=RECIPE_CLIPPING[recipe or "paper"])
     if recipe is not None:

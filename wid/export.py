@@ -236,8 +236,9 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
     the cut is compensated on `calibration_batches` batches of `corpus` (default: the run's)."""
     check_compensate(compensate)
     check_export_target(checkpoint_dir, output_dir, overwrite)
+    model = load_checkpoint(checkpoint_dir)  # a damaged checkpoint is reported as such before anything else is read
     calibration, settings = checkpoint_calibration(checkpoint_dir, corpus, calibration_batches) if compensate == "on" else (None, {})
-    student, masked_norm, difference, compensation = fold_trained(load_checkpoint(checkpoint_dir), calibration)
+    student, masked_norm, difference, compensation = fold_trained(model, calibration)
     if compensation is not None:
         compensation.update(settings)
     report = {

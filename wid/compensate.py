@@ -74,11 +74,11 @@ class InputStatistics:
         self.total += rows.sum(dim=0)
         self.gram += rows.t() @ rows[:, self.keep]
 
-    def predictor(self, cut: torch.Tensor, damping: float, mean_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, c) of x_C ≈ A·x_K + c: the ridge least-squares fit on what was recorded. A = 0, c = μ_C (the mean into
-        the bias) with `mean_only`, which is also the limit of an infinite damping."""
+    def predictor(self, cut: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, c) of x_C ≈ A·x_K + c: the ridge least-squares fit on what was recorded; an infinite damping gives its
+        limit A = 0, c = μ_C (the mean into the bias)."""
         mean = self.total / max(self.count, 1)
-        if mean_only or damping == float("inf"):
+        if damping == float("inf"):
             return torch.zeros(len(cut), len(self.keep), dtype=torch.float64), mean[cut]
         covariance = self.gram / max(self.count, 1) - torch.outer(mean, mean[self.keep])
         kept = covariance[self.keep]
@@ -167,8 +167,8 @@ class CutCompensation:
             cut = self._cut(spec)
             if not len(cut) or spec.name not in self.sites:
                 continue
-            mean_only = keep_tie and spec.name == TIED_DECODER
-            fit, offset = self.statistics[self.sites[spec.name]].predictor(cut, self.damping, mean_only)
+            damping = float("inf") if keep_tie and spec.name == TIED_DECODER else self.damping  # a tied decoder: mean only
+            fit, offset = self.statistics[self.sites[spec.name]].predictor(cut, damping)
             self.predictions[spec.name] = InputPrediction(spec.keep_in, cut, fit, offset)
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import wid_kernels
 from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
 from .baselines import METHODS, train_baseline
 from .compactors import attach
-from .compensate import CALIBRATION_BATCHES, COMPENSATE_CHOICES, DEFAULT_COMPENSATE, calibration_source
+from .compensate import CALIBRATION_BATCHES, DEFAULT_COMPENSATE, calibration_source, check_compensate
 from .config import WIDConfig
 from .export import fold_trained, save_student
 from .fold import fold
@@ -160,8 +160,7 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
     if args.kd_temperature <= 0 or not 0 <= args.kd_alpha <= 1:
         raise RunError(f"--kd_temperature must be positive and --kd_alpha in [0, 1], got {args.kd_temperature:g} and "
                        f"{args.kd_alpha:g}")
-    if args.compensate not in COMPENSATE_CHOICES:
-        raise RunError(f"--compensate {args.compensate} is not known; pass --compensate on or --compensate off")
+    check_compensate(args.compensate)
     if args.calibration_batches < 1:
         raise RunError(f"--calibration_batches must be at least 1, got {args.calibration_batches}")
 

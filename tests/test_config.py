@@ -100,7 +100,8 @@ def test_steps_to_target_counts_the_slowest_group():
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        (dict(model_type="roberta"), "model_type 'bert'"),
+        (dict(model_type="deberta-v2"), "model_type 'deberta-v2'"),
+        (dict(model_type="modernbert"), "bert, roberta, xlm-roberta, camembert, electra, distilbert"),
         (dict(position_embedding_type="relative_key"), "absolute position embeddings"),
         (dict(is_decoder=True), "bidirectional encoder"),
         (dict(hidden_act="sigmoid"), "not zero at zero"),

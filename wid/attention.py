@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from .architecture import family_of, max_positions, model_inputs
 from .export import check_writable_folder, plain_model_config, quiet_transformers, write_json_atomically
 
 DEFAULT_NUM_TEXTS = 16
@@ -44,16 +45,20 @@ class AttentionMaps(NamedTuple):
 
 
 def load_encoder(model_dir, role: str = "model"):
-    """The BERT encoder in `model_dir` (a BertModel or BertForMaskedLM folder), set up to return attentions."""
+    """The encoder in `model_dir` (a base or masked-LM folder of a supported family), set up to return attentions."""
     from transformers import AutoModel
 
     path = Path(model_dir)
-    plain_model_config(path, AttentionComparisonError, role)
+    config = plain_model_config(path, AttentionComparisonError, role)
+    try:
+        family_of(config)
+    except ValueError as exc:
+        raise AttentionComparisonError(f"the {role} in {path}: {exc}") from None
     try:
         with quiet_transformers():
             model = AutoModel.from_pretrained(path, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
-        raise AttentionComparisonError(f"cannot load the {role} in {path} ({type(exc).__name__}); pass a BertModel or BertForMaskedLM folder") from None
+        raise AttentionComparisonError(f"cannot load the {role} in {path} ({type(exc).__name__}); pass a folder written by save_pretrained (base or masked-LM model)") from None
     return model.eval()
 
 
@@ -114,7 +119,7 @@ def attention_maps(model_dir_or_model, tokenizer, texts, max_seq_length: int = 1
     texts = list(texts)
     if not texts:
         raise AttentionComparisonError("no texts to run the model on; pass at least one non-empty text")
-    max_seq_length = min(max_seq_length, model.config.max_position_embeddings)
+    max_seq_length = min(max_seq_length, max_positions(model.config) or max_seq_length)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -122,7 +127,7 @@ def attention_maps(model_dir_or_model, tokenizer, texts, max_seq_length: int = 1
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
-            inputs = {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask", "token_type_ids")}
+            inputs = {key: value.to(device) for key, value in model_inputs(model, batch).items()}
             layers = torch.stack(_encoder_attentions(model, inputs), dim=1).float().cpu()  # [batch, layers, heads, q, k]
             for one, length in zip(layers, batch["attention_mask"].sum(dim=1).tolist()):
                 rows.append(one[:, :, :length, :length])

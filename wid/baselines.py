@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import default_data_collator
 
+from .architecture import head_input
 from .compactors import attach
 from .config import WIDConfig
 from .fold import fold
@@ -29,7 +30,7 @@ METHODS = ("wid", "kd", "mlm", "prune")
 
 
 def truncated_student(teacher, config: WIDConfig):
-    """The teacher cut to the student's widths (a plain BertForMaskedLM); the teacher is left unchanged."""
+    """The teacher cut to the student's widths (a plain model of the teacher's class); the teacher is left unchanged."""
     model = attach(copy.deepcopy(teacher).to("cpu").float(), config)
     prune(model)
     return fold(model, progressbar=False)
@@ -43,7 +44,7 @@ class DistillationTrainer(MaskedLMTrainer):
         if not 0.0 <= alpha <= 1.0 or temperature <= 0:
             raise ValueError(f"kd_alpha must be in [0, 1] and kd_temperature > 0 (got {alpha}, {temperature})")
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.teacher_selector = MaskedPositionSelector(self.teacher.cls)
+        self.teacher_selector = MaskedPositionSelector(head_input(self.teacher))
         self.temperature, self.alpha = temperature, alpha
 
     def masked_loss(self, logits, targets, inputs, positions):

@@ -1,7 +1,7 @@
 """Compactors: identity-initialised square matrices around every linear layer (WID_METHOD §2, §6).
 
-`attach(model, config)` replaces, in place, the linears and LayerNorms of a Hugging Face BERT
-masked-LM with compactor-carrying versions; the model stays the same transformers model, so
+`attach(model, config)` replaces, in place, the linears and LayerNorms of a Hugging Face masked-LM
+encoder of any supported family (wid.architecture) with compactor-carrying versions; the model stays the same transformers model, so
 `model(input_ids, attention_mask, labels=...)` works as before and, right after attaching,
 computes exactly what the teacher computed.
 
@@ -17,7 +17,8 @@ from torch import nn
 
 import wid_kernels
 
-from .architecture import TeacherDims, ensure_mlm_head
+from .architecture import (TeacherDims, base_model, embedding_projection, encoder_layers, ensure_mlm_head, family_of,
+                           replace_at, submodule)
 from .config import WIDConfig
 
 HIDDEN = "hidden"
@@ -47,7 +48,7 @@ class WIDState(nn.Module):
         self.register_buffer("keep_hidden", torch.ones(h, dtype=torch.bool, device=device))
         self.register_buffer("keep_attention", torch.ones(n, h, dtype=torch.bool, device=device))
         self.register_buffer("keep_intermediate", torch.ones(n, f, dtype=torch.bool, device=device))
-        self.register_buffer("keep_mlm", torch.ones(h, dtype=torch.bool, device=device))
+        self.register_buffer("keep_mlm", torch.ones(dims.mlm, dtype=torch.bool, device=device))
         self.register_buffer("mask_updates", torch.zeros((), dtype=torch.long, device=device))
         self._masks_active = False  # host mirror of mask_updates > 0: no device sync per forward
         if config.alignment == "tied":
@@ -62,6 +63,8 @@ class WIDState(nn.Module):
         return names + [MLM]
 
     def group_width(self, group: str) -> int:
+        if group == MLM:
+            return self.dims.mlm
         return self.dims.intermediate if group.startswith("intermediate") else self.dims.hidden
 
     def keep(self, group: str) -> torch.Tensor:
@@ -200,38 +203,40 @@ class CompactedEmbeddingNorm(MaskedLayerNorm):
 
 
 def attach(model, config: WIDConfig):
-    """Insert identity compactors into a BertForMaskedLM (or a BertModel, which gets an MLM head).
+    """Insert identity compactors into a masked-LM encoder (or a base encoder, which gets an MLM head).
 
-    Returns the model to train: the same object for a BertForMaskedLM, a BertForMaskedLM wrapping
-    the given encoder for a BertModel. Raises UnsupportedModelError / ValueError with the fix.
+    Returns the model to train: the same object for a `*ForMaskedLM`, the family's masked-LM model wrapping
+    the given encoder for a base model. Raises UnsupportedModelError / ValueError with the fix.
     """
     model = ensure_mlm_head(model)
     if hasattr(model, "wid_state"):
         raise ValueError("this model already has WID compactors; attach once, or fold it first with wid.fold")
+    family = family_of(model)
     dims = TeacherDims.from_config(model.config)
     config = config.for_teacher(dims)
-    reference = model.bert.embeddings.word_embeddings.weight
+    embeddings = base_model(model).embeddings
+    reference = embeddings.word_embeddings.weight
     state = WIDState(config, dims, device=reference.device, dtype=reference.dtype)
     model.add_module("wid_state", state)
 
-    embeddings = model.bert.embeddings
-    embeddings.LayerNorm = CompactedEmbeddingNorm(embeddings.LayerNorm, state)
-    for index, layer in enumerate(model.bert.encoder.layer):
-        attention, inner = attention_group(index), intermediate_group(index)
-        self_attention = layer.attention.self
-        for name in ("query", "key", "value"):
-            setattr(self_attention, name, CompactedLinear(getattr(self_attention, name), state, HIDDEN, attention))
-        attention_output = layer.attention.output
-        attention_output.dense = CompactedLinear(attention_output.dense, state, attention, HIDDEN)
-        attention_output.LayerNorm = MaskedLayerNorm(attention_output.LayerNorm, state, HIDDEN)
-        layer.intermediate.dense = CompactedLinear(layer.intermediate.dense, state, HIDDEN, inner)
-        layer.output.dense = CompactedLinear(layer.output.dense, state, inner, HIDDEN)
-        layer.output.LayerNorm = MaskedLayerNorm(layer.output.LayerNorm, state, HIDDEN)
-    transform = model.cls.predictions.transform
-    transform.dense = CompactedLinear(transform.dense, state, HIDDEN, MLM)
-    transform.LayerNorm = MaskedLayerNorm(transform.LayerNorm, state, MLM)
-    predictions = model.cls.predictions
-    predictions.decoder = CompactedLinear(predictions.decoder, state, MLM, None)
+    projection = embedding_projection(model)
+    if projection is None:
+        embeddings.LayerNorm = CompactedEmbeddingNorm(embeddings.LayerNorm, state)
+    else:  # ELECTRA: the embedding space keeps its width; the projection's output compactor opens H
+        base_model(model).embeddings_project = CompactedLinear(projection, state, None, HIDDEN)
+    sides = dict(query=(HIDDEN, "A"), key=(HIDDEN, "A"), value=(HIDDEN, "A"), attention_output=("A", HIDDEN),
+                 ffn_up=(HIDDEN, "F"), ffn_down=("F", HIDDEN))
+    for index, layer in enumerate(encoder_layers(model)):
+        groups = {HIDDEN: HIDDEN, "A": attention_group(index), "F": intermediate_group(index)}
+        for role, path in family.layer_paths().items():
+            if role in sides:
+                inputs, outputs = sides[role]
+                replace_at(layer, path, CompactedLinear(submodule(layer, path), state, groups[inputs], groups[outputs]))
+            else:
+                replace_at(layer, path, MaskedLayerNorm(submodule(layer, path), state, HIDDEN))
+    replace_at(model, family.head_dense, CompactedLinear(submodule(model, family.head_dense), state, HIDDEN, MLM))
+    replace_at(model, family.head_norm, MaskedLayerNorm(submodule(model, family.head_norm), state, MLM))
+    replace_at(model, family.decoder, CompactedLinear(submodule(model, family.decoder), state, MLM, None))
     model.config.wid = config.to_dict()
     return model
 

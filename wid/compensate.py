@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .architecture import family_of, model_inputs
 from .compactors import wid_state
 from .masks import finalize, masked_entry_norm
 
@@ -35,7 +36,6 @@ COMPENSATE_CHOICES = ("on", "off")
 DEFAULT_COMPENSATE = "off"
 CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 16
-TIED_DECODER = "cls.predictions.decoder"
 
 
 def calibration_batches(dataset, batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH_SIZE,
@@ -113,12 +113,12 @@ class CutCompensation:
         self.model = model
         self.damping = damping
         self.folds = linear_folds(model, kept)
-        state = wid_state(model)
         self.statistics: dict[str, InputStatistics] = {}
         self.sites: dict[str, str] = {}  # linear → the linear whose statistics it shares (the same input tensor)
         self.predictions: dict[str, InputPrediction] = {}
         self.tokens = 0
-        self._width = {spec.name: state.group_width(spec.module.input_group) for spec in self.folds}
+        self._width = {spec.name: spec.module.in_features for spec in self.folds}
+        self.decoder = family_of(model).decoder
 
     def _cut(self, spec) -> torch.Tensor:
         return _complement(spec.keep_in, self._width[spec.name])
@@ -152,7 +152,7 @@ class CutCompensation:
                 batch = {key: value.to(device) for key, value in batch.items()}
                 token_mask["now"] = batch["attention_mask"].bool()
                 self.tokens += int(token_mask["now"].sum())
-                self.model(**batch)
+                self.model(**model_inputs(self.model, batch))
                 previous.clear()
         finally:
             for handle in handles:
@@ -167,7 +167,7 @@ class CutCompensation:
             cut = self._cut(spec)
             if not len(cut) or spec.name not in self.sites:
                 continue
-            damping = float("inf") if keep_tie and spec.name == TIED_DECODER else self.damping  # a tied decoder: mean only
+            damping = float("inf") if keep_tie and spec.name == self.decoder else self.damping  # a tied decoder: mean only
             fit, offset = self.statistics[self.sites[spec.name]].predictor(cut, damping)
             self.predictions[spec.name] = InputPrediction(spec.keep_in, cut, fit, offset)
 
@@ -186,7 +186,7 @@ class CutCompensation:
                 weight = (weight.double() + removed @ prediction.fit).float()
                 if bias is not None:
                     bias = (bias.double() + removed @ prediction.offset).float()
-            if not (keep_tie and spec.name == TIED_DECODER):
+            if not (keep_tie and spec.name == self.decoder):
                 out[f"{spec.name}.weight"] = weight
             for key in spec.bias_keys if bias is not None else ():
                 out[key] = bias
@@ -237,7 +237,7 @@ def logit_divergence(reference, student, batches: list[dict], chunk: int = 4) ->
     try:
         for batch in batches:
             for start in range(0, batch["input_ids"].shape[0], chunk):
-                part = {key: value[start:start + chunk] for key, value in batch.items()}
+                part = {key: value[start:start + chunk] for key, value in model_inputs(student, batch).items()}
                 keep = part["attention_mask"].bool()
                 expected = reference(**{k: v.to(reference_device) for k, v in part.items()}).logits.float().cpu()[keep]
                 got = student(**part).logits.float()[keep]

@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, BertForMaskedLM, BertModel, TrainingArguments, default_data_collator
+from transformers import AutoConfig, TrainingArguments, default_data_collator
 
 import wid_kernels
 
-from .architecture import TeacherDims, check_supported_config, ensure_mlm_head
+from .architecture import (TeacherDims, base_model, base_prefix, check_supported_config, encoder_model_class, ensure_mlm_head,
+                           family_of, head_logits, intermediate_size, max_positions, mlm_model_class, model_inputs)
 from .baselines import METHODS, train_baseline
 from .compactors import attach
 from .compensate import CALIBRATION_BATCHES, DEFAULT_COMPENSATE, calibration_source, check_compensate
 from .config import WIDConfig
-from .export import fold_trained, save_student
+from .export import fold_trained, quiet_transformers, save_student
 from .fold import fold
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, read_run_record,
@@ -124,15 +125,20 @@ def teacher_config(name_or_path: str):
 
 
 def load_teacher(name_or_path: str):
-    """(model, tokenizer, has_mlm_head): a BertForMaskedLM, with a fresh head if the checkpoint had none."""
+    """(model, tokenizer, has_mlm_head): the family's masked-LM model, with a fresh head if the checkpoint had none
+    (a base encoder, a sentence encoder, an ELECTRA discriminator)."""
     from .data import load_tokenizer
 
-    tokenizer = load_tokenizer(name_or_path, teacher_config(name_or_path).vocab_size, RunError)  # before any weights
+    config = teacher_config(name_or_path)
+    tokenizer = load_tokenizer(name_or_path, config.vocab_size, RunError)  # before any weights
+    head = family_of(config).head
     try:
-        model, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
-        has_head = not any(key.startswith("cls.") for key in info["missing_keys"])
+        with quiet_transformers():
+            model, info = mlm_model_class(config).from_pretrained(name_or_path, output_loading_info=True)
+        has_head = not any(key.split(".")[0] in head for key in info["missing_keys"])
         if not has_head:
-            model = ensure_mlm_head(BertModel.from_pretrained(name_or_path, add_pooling_layer=True))
+            with quiet_transformers():
+                model = ensure_mlm_head(encoder_model_class(config).from_pretrained(name_or_path))
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own kind
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RunError(f"cannot load the teacher's weights from {name_or_path} ({type(exc).__name__}: {reason}); the weight "
@@ -199,7 +205,8 @@ def _trainer_args(base: TrainingArguments, **changes) -> TrainingArguments:
 
 
 def _encoder_parameters(model) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if name.startswith("bert.") and "compactor" not in name)
+    prefix = base_prefix(model) + "."
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix) and "compactor" not in name)
 
 
 def _last_loss(trainer) -> float | None:
@@ -214,15 +221,14 @@ def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int,
     A finished warm-up is kept in the user's cache (wid.mlm_head.cache_dir) under `cache_key`, which names the
     teacher's weights, the corpus and the settings, and is reused only on an exact match; only the head's own
     tensors are stored, so a cached head can never replace a teacher's encoder."""
-    from .mlm_head import cache_dir, read_head, load_head_state, save_head
+    from .mlm_head import cache_dir, head_parameters, read_head, load_head_state, save_head
 
     cached = cache_dir() / "heads" / f"{cache_key}.safetensors" if cache_key else None
     found = read_head(cached, cache_key) if cached else None
     if found is not None:
         load_head_state(model, found[0])
         return found[1].get("final_loss"), f"warmed up {steps} steps (cached: {cached})"
-    head = model.cls.predictions
-    trainable = {id(p) for p in head.transform.parameters()} | {id(head.bias)}
+    trainable = {id(p) for p in head_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
     warm_args = _trainer_args(args, output_dir=str(output_dir / "head-warmup.run"), max_steps=steps, learning_rate=lr,
@@ -260,9 +266,9 @@ def heldout_loss(model, dataset, collator, batch_size: int = 16, max_batches: in
         for start in range(0, min(len(dataset), batch_size * max_batches), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+            hidden = base_model(model)(**model_inputs(model, batch)).last_hidden_state
             masked = batch["labels"] != -100
-            logits = model.cls(hidden[masked])
+            logits = head_logits(model, hidden[masked])
             total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"][masked], reduction="sum"))
             count += int(masked.sum())
     finally:
@@ -278,7 +284,7 @@ def representation_spread(model, dataset, count: int = 64, batch_size: int = 16)
     if dataset is None or len(dataset) < 2:
         return None
     model.eval()
-    encoder = model.bert if hasattr(model, "bert") else model
+    encoder = base_model(model)
     device = next(model.parameters()).device
     pooled = []
     for start in range(0, min(len(dataset), count), batch_size):
@@ -310,7 +316,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     teacher_name = args.teacher or default_teacher_path()
     teacher = teacher_config(teacher_name)
     dims = TeacherDims.from_config(teacher)
-    positions = getattr(teacher, "max_position_embeddings", None)
+    positions = max_positions(teacher)
     if positions is not None and args.max_seq_length > positions:
         raise RunError(f"--max_seq_length {args.max_seq_length} is beyond the teacher's {positions} position embeddings; "
                        f"pass --max_seq_length {positions} or less")
@@ -420,10 +426,10 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "backend": backend,
         "backends_in_use": {op: name for op, (name, _) in wid_kernels.backends_in_use(training_device).items()},
         "teacher_encoder_parameters": teacher_params,
-        "student_encoder_parameters": sum(p.numel() for n, p in student.named_parameters() if n.startswith("bert.")),
+        "student_encoder_parameters": _encoder_parameters(student),
         "teacher_widths": {"hidden": dims.hidden, "heads": dims.heads, "intermediate": dims.intermediate, "layers": dims.layers},
         "student_widths": {"hidden": student.config.hidden_size, "heads": student.config.num_attention_heads,
-                           "intermediate": student.config.intermediate_size, "layers": student.config.num_hidden_layers},
+                           "intermediate": intermediate_size(student.config), "layers": student.config.num_hidden_layers},
         "method": args.method,
         "wid_config": config.to_dict(),
         "steps": trainer.state.global_step if trainer is not None else 0,
@@ -471,8 +477,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         notices.append(notice)
         print(f"[wid] {notice}")
     model = attach(model, config)
-    if getattr(model.bert, "pooler", None) is not None:
-        model.bert.pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
+    if getattr(base_model(model), "pooler", None) is not None:
+        base_model(model).pooler.requires_grad_(False)  # not part of WID training; kept for export (and DDP needs every trained param used)
     trainer = WIDTrainer(model=model, args=_main_phase_args(training_args, config, output_dir), train_dataset=dataset,
                          data_collator=default_data_collator, processing_class=tokenizer, run_record=record)
     student_dirs = {}
@@ -514,8 +520,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
 
 def _train_baseline(model, config, dataset, tokenizer, training_args, args, output_dir, callbacks, record) -> dict:
     """A baseline of the same student shape and budget (wid/baselines.py)."""
-    if getattr(model.bert, "pooler", None) is not None:
-        model.bert.pooler.requires_grad_(False)  # as in WID: unused by MLM training
+    if getattr(base_model(model), "pooler", None) is not None:
+        base_model(model).pooler.requires_grad_(False)  # as in WID: unused by MLM training
     student, trainer = train_baseline(args.method, model, config, dataset, tokenizer,
                                       _main_phase_args(training_args, config, output_dir), args.kd_temperature,
                                       args.kd_alpha, resume=training_args.resume_from_checkpoint, callbacks=callbacks,

@@ -33,6 +33,8 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from .architecture import max_positions
+
 LOCAL_TASK = "local"
 TWEET_TASK = "tweet_sentiment"
 TWEET_DEV_SIZE = 2000
@@ -56,7 +58,7 @@ METRIC_OF_TASK = {name: metric for name, (_, _, metric) in GLUE_TASKS.items()} |
 TASKS = tuple(METRIC_OF_TASK)
 
 # Weights a classification model adds on top of the encoder (initialised fresh; the pooler too, if the folder has none).
-NEW_HEAD_PREFIXES = ("classifier.", "score.")
+NEW_HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.")  # DistilBERT's classifier has a pre_classifier
 
 # Text columns a local file may have, in the order they are looked for.
 LOCAL_TEXT_COLUMNS = (("sentence1", "sentence2"), ("sentence",), ("text",))
@@ -312,7 +314,7 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
     check_writable_folder(output_dir, EvaluationError, "results folder (--output_dir)")
     set_seed(seed)  # the new head's initial weights
     tokenizer, model = _load_model(model_dir, config, data.label_names)
-    max_seq_length = min(max_seq_length, tokenizer.model_max_length, getattr(config, "max_position_embeddings", max_seq_length))
+    max_seq_length = min(max_seq_length, tokenizer.model_max_length, max_positions(config) or max_seq_length)
 
     def tokenize(batch):
         return tokenizer(*[batch[name] for name in data.text_columns], truncation=True, max_length=max_seq_length)

@@ -14,16 +14,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
+from transformers import AutoConfig, AutoTokenizer
 
+from .architecture import base_prefix, encoder_model_class, family_of, mlm_model_class
 from .compactors import attach
 from .config import WIDConfig
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
                          fold_compensated, needs_compensation)
 from .fold import fold, verify_fold
 from .masks import finalize, masked_entry_norm
-
-TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
 class CheckpointError(ValueError):
@@ -86,7 +85,13 @@ def plain_model_config(model_dir, error=CheckpointError, role: str = "model"):
     return config
 
 
-def load_checkpoint(path) -> BertForMaskedLM:
+def tied_keys(model) -> tuple[str, ...]:
+    """State-dict names that Hugging Face may leave out of a saved file because they are tied to another tensor."""
+    family = family_of(model)
+    return (f"{family.decoder}.weight", f"{family.decoder}.bias")
+
+
+def load_checkpoint(path):
     """Rebuild the compactor model of a `wid distill` training checkpoint (masks included)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -99,14 +104,19 @@ def load_checkpoint(path) -> BertForMaskedLM:
     if not isinstance(settings, dict):
         raise CheckpointError(f"{path} holds no WID settings (config.wid): it is a plain model, not a wid distill checkpoint")
     weights = _read_weights(path)
+    try:
+        family_of(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     with torch.device("cpu"):
-        model = BertForMaskedLM(config)
-        if any(key.startswith("bert.pooler.") for key in weights):  # a BertModel teacher given an MLM head keeps its pooler
-            model.bert = BertModel(config, add_pooling_layer=True)
+        model = mlm_model_class(config)(config)
+        prefix = base_prefix(model)
+        if any(key.startswith(f"{prefix}.pooler.") for key in weights):  # a base-encoder teacher given an MLM head keeps its pooler
+            setattr(model, prefix, encoder_model_class(config)(config, add_pooling_layer=True))
             model.tie_weights()
     model = attach(model, WIDConfig.from_dict(settings))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in TIED_KEYS]
+    missing = [k for k in missing if k not in tied_keys(model)]
     if missing or unexpected:
         names = (missing or unexpected)[:3]
         raise CheckpointError(f"the weights in {path} do not match its config ({'missing' if missing else 'unexpected'} {names}); "

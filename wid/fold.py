@@ -1,7 +1,8 @@
 """The fold: compactors multiplied into the weights, pruned channels cut away (WID_METHOD §8).
 
-`fold(model)` returns a plain `BertForMaskedLM` (or, with `with_head=False`, a `BertModel` with its
-pooler) of a uniform `BertConfig`, loadable anywhere with `from_pretrained` and no `wid` import.
+`fold(model)` returns a plain masked-LM model of the teacher's own class (`BertForMaskedLM`,
+`RobertaForMaskedLM`, …; with `with_head=False` its base encoder, with the pooler if the teacher had one)
+and a uniform config of the same `model_type`, loadable anywhere with `from_pretrained` and no `wid` import.
 Every linear becomes `W_S = Q[keep_out]·W·L[:, keep_in]`, `b_S = (Q·b)[keep_out]`; the attention
 scale 1/√d_teacher is folded into the query (× √(d_s/d_teacher)); embeddings, LayerNorms and the
 pooler are index-selected. The computation is done in fp32 on the CPU and checked for non-finite
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import BertForMaskedLM
-
 import wid_kernels
 
+from .architecture import (base_model, base_prefix, embedding_projection, encoder_layers, family_of, model_inputs,
+                           set_widths, submodule)
 from .compactors import wid_state
 
 
@@ -35,7 +36,7 @@ def _f32(t):
 
 
 def kept_indices(model) -> dict:
-    """Sorted kept index lists of every group, checked to describe one uniform BERT student."""
+    """Sorted kept index lists of every group, checked to describe one uniform student."""
     state = wid_state(model)
     dims, config = state.dims, state.config
     hidden = _indices(state.keep_hidden)
@@ -44,8 +45,9 @@ def kept_indices(model) -> dict:
     intermediate = [_indices(k) for k in state.keep_intermediate]
     width = len(hidden)
     problems = []
-    if len(mlm) != width:
-        problems.append(f"M keeps {len(mlm)} channels but H keeps {width}")
+    mlm_width = width if dims.mlm_follows_hidden else dims.mlm
+    if len(mlm) != mlm_width:
+        problems.append(f"M keeps {len(mlm)} channels but should keep {mlm_width}")
     if any(len(a) != width for a in attention):
         problems.append(f"attention widths {sorted({len(a) for a in attention})} differ from the hidden width {width}")
     if len({len(f) for f in intermediate}) != 1:
@@ -62,7 +64,7 @@ def kept_indices(model) -> dict:
         problems.append("no hidden channel is kept")
     if problems:
         raise FoldError(
-            "the masks do not describe a uniform BERT yet (" + "; ".join(problems) + "); "
+            "the masks do not describe a uniform student yet (" + "; ".join(problems) + "); "
             "train until the schedule reaches its target or call wid.prune(model) first"
         )
     heads = dims.heads if config.strategy == "dim" else width // dims.head_dim
@@ -70,14 +72,12 @@ def kept_indices(model) -> dict:
 
 
 def student_config(model, kept: dict):
-    """The uniform BertConfig of the student."""
+    """The uniform config of the student: the teacher's, of the same model_type, at the kept widths."""
     config = copy.deepcopy(model.config)
     if hasattr(config, "wid"):
         del config.wid
-    config.hidden_size = len(kept["hidden"])
-    config.num_attention_heads = kept["heads"]
-    config.intermediate_size = len(kept["intermediate"][0])
-    config.architectures = ["BertForMaskedLM"]
+    set_widths(config, len(kept["hidden"]), kept["heads"], len(kept["intermediate"][0]))
+    config.architectures = [type(model).__name__]
     return config
 
 
@@ -92,11 +92,11 @@ class LinearFold:
     scale: float | None = None
     feeds_scores: bool = False  # query/key: its output enters the attention scores (bilinear, see wid.compensate)
 
+    bias_alias: str | None = None  # a second state-dict name of the same bias (Hugging Face's decoder bias)
+
     @property
     def bias_keys(self) -> tuple[str, ...]:
-        if self.name == "cls.predictions.decoder":  # Hugging Face stores the decoder bias twice
-            return (f"{self.name}.bias", "cls.predictions.bias")
-        return (f"{self.name}.bias",)
+        return (f"{self.name}.bias",) + ((self.bias_alias,) if self.bias_alias else ())
 
     def folded(self, keep_in: torch.Tensor | None = None) -> tuple:
         """(W_S, b_S) in fp32 on the CPU; `keep_in` to fold other input columns (the removed ones, for compensation)."""
@@ -109,44 +109,61 @@ class LinearFold:
 
 def linear_folds(model, kept: dict) -> list[LinearFold]:
     """Every compacted linear of the model with its kept rows and columns, in the model's order."""
-    dims = wid_state(model).dims
+    family, dims = family_of(model), wid_state(model).dims
     hidden, mlm = kept["hidden"], kept["mlm"]
     query_scale = math.sqrt(len(hidden) // kept["heads"] / dims.head_dim)
+    prefix = base_prefix(model)
     folds = []
-    for index, layer in enumerate(model.bert.encoder.layer):
-        prefix, attention, inner = f"bert.encoder.layer.{index}", kept["attention"][index], kept["intermediate"][index]
-        for name in ("query", "key", "value"):
-            scale = query_scale if name == "query" and query_scale != 1.0 else None
-            folds.append(LinearFold(f"{prefix}.attention.self.{name}", getattr(layer.attention.self, name), attention, hidden,
-                                    scale, feeds_scores=name != "value"))
+    projection = embedding_projection(model)
+    if projection is not None:
+        folds.append(LinearFold(f"{prefix}.{family.embedding_projection}", projection, hidden, torch.arange(projection.in_features)))
+    for index, layer in enumerate(encoder_layers(model)):
+        at = f"{prefix}.{family.layers}.{index}"
+        attention, inner = kept["attention"][index], kept["intermediate"][index]
+        for path in (family.query, family.key, family.value):
+            scale = query_scale if path == family.query and query_scale != 1.0 else None
+            folds.append(LinearFold(f"{at}.{path}", submodule(layer, path), attention, hidden, scale,
+                                    feeds_scores=path != family.value))
         folds += [
-            LinearFold(f"{prefix}.attention.output.dense", layer.attention.output.dense, hidden, attention),
-            LinearFold(f"{prefix}.intermediate.dense", layer.intermediate.dense, inner, hidden),
-            LinearFold(f"{prefix}.output.dense", layer.output.dense, hidden, inner),
+            LinearFold(f"{at}.{family.attention_output}", submodule(layer, family.attention_output), hidden, attention),
+            LinearFold(f"{at}.{family.ffn_up}", submodule(layer, family.ffn_up), inner, hidden),
+            LinearFold(f"{at}.{family.ffn_down}", submodule(layer, family.ffn_down), hidden, inner),
         ]
-    predictions = model.cls.predictions
-    folds.append(LinearFold("cls.predictions.transform.dense", predictions.transform.dense, mlm, hidden))
-    folds.append(LinearFold("cls.predictions.decoder", predictions.decoder, None, mlm))
+    folds.append(LinearFold(family.head_dense, submodule(model, family.head_dense), mlm, hidden))
+    folds.append(LinearFold(family.decoder, submodule(model, family.decoder), None, mlm, bias_alias=family.decoder_bias_alias))
     return folds
+
+
+def word_embedding_key(model) -> str:
+    return f"{base_prefix(model)}.embeddings.word_embeddings.weight"
 
 
 @torch.no_grad()
 def folded_state_dict(model, kept: dict, progressbar: bool | None = None) -> dict:
-    """Tensors of the student, named as in a plain BertForMaskedLM (plus the pooler, if any)."""
-    dims = wid_state(model).dims
+    """Tensors of the student, named as in the teacher's plain masked-LM class (plus the pooler, if any)."""
+    family, dims = family_of(model), wid_state(model).dims
     hidden, mlm = kept["hidden"], kept["mlm"]
+    prefix, encoder = base_prefix(model), base_model(model)
     out = {}
-    embeddings = model.bert.embeddings
-    e_out = _f32(embeddings.LayerNorm.output_matrix())[hidden]  # |H| × h
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        out[f"bert.embeddings.{name}.weight"] = _f32(getattr(embeddings, name).weight) @ e_out.t()
-    norms = {"bert.embeddings.LayerNorm": (embeddings.LayerNorm, hidden)}
-    for index, layer in enumerate(model.bert.encoder.layer):
-        norms[f"bert.encoder.layer.{index}.attention.output.LayerNorm"] = (layer.attention.output.LayerNorm, hidden)
-        norms[f"bert.encoder.layer.{index}.output.LayerNorm"] = (layer.output.LayerNorm, hidden)
-    norms["cls.predictions.transform.LayerNorm"] = (model.cls.predictions.transform.LayerNorm, mlm)
+    embeddings = encoder.embeddings
+    tables = [name for name in ("word_embeddings", "position_embeddings", "token_type_embeddings") if hasattr(embeddings, name)]
+    norms = {}
+    if embedding_projection(model) is None:  # the embedding output compactor E sits on the embedding LayerNorm
+        e_out = _f32(embeddings.LayerNorm.output_matrix())[hidden]  # |H| × h
+        for name in tables:
+            out[f"{prefix}.embeddings.{name}.weight"] = _f32(getattr(embeddings, name).weight) @ e_out.t()
+        norms[f"{prefix}.embeddings.LayerNorm"] = (embeddings.LayerNorm, hidden)
+    else:  # ELECTRA's embedding space keeps its width
+        for name in tables:
+            out[f"{prefix}.embeddings.{name}.weight"] = _f32(getattr(embeddings, name).weight)
+        norms[f"{prefix}.embeddings.LayerNorm"] = (embeddings.LayerNorm, None)
+    for index, layer in enumerate(encoder_layers(model)):
+        for path in (family.attention_norm, family.ffn_norm):
+            norms[f"{prefix}.{family.layers}.{index}.{path}"] = (submodule(layer, path), hidden)
+    norms[family.head_norm] = (submodule(model, family.head_norm), mlm)
     for name, (norm, keep) in norms.items():
-        out[f"{name}.weight"], out[f"{name}.bias"] = _f32(norm.weight)[keep], _f32(norm.bias)[keep]
+        weight, bias = _f32(norm.weight), _f32(norm.bias)
+        out[f"{name}.weight"], out[f"{name}.bias"] = (weight, bias) if keep is None else (weight[keep], bias[keep])
 
     show = progressbar if progressbar is not None else dims.hidden * dims.layers >= 768 * 12
     for spec in tqdm(linear_folds(model, kept), desc="folding", disable=not show):
@@ -155,10 +172,10 @@ def folded_state_dict(model, kept: dict, progressbar: bool | None = None) -> dic
         for key in spec.bias_keys:
             out[key] = bias
 
-    pooler = getattr(model.bert, "pooler", None)
+    pooler = getattr(encoder, "pooler", None)
     if pooler is not None:
-        out["bert.pooler.dense.weight"] = _f32(pooler.dense.weight)[hidden][:, hidden]
-        out["bert.pooler.dense.bias"] = _f32(pooler.dense.bias)[hidden]
+        out[f"{prefix}.pooler.dense.weight"] = _f32(pooler.dense.weight)[hidden][:, hidden]
+        out[f"{prefix}.pooler.dense.bias"] = _f32(pooler.dense.bias)[hidden]
     check_finite(out)
     return out
 
@@ -172,32 +189,35 @@ def check_finite(tensors: dict) -> None:
 
 @torch.no_grad()
 def fold(model, with_head: bool = True, progressbar: bool | None = None, compensation=None):
-    """Fold an attached model into a plain student (BertForMaskedLM, or BertModel with pooler).
+    """Fold an attached model into a plain student of the teacher's class (or its base encoder, with pooler).
 
     Exact when the masked entries are zero (after `wid.prune`, or closely after WID training);
     the compactor model is left unchanged. `compensation` (a calibrated `wid.compensate.CutCompensation`)
     replaces the linears by their compensated versions.
     """
+    family = family_of(model)
     kept = kept_indices(model)
     config = student_config(model, kept)
     tensors = folded_state_dict(model, kept, progressbar)
-    tie = torch.equal(tensors["bert.embeddings.word_embeddings.weight"], tensors["cls.predictions.decoder.weight"])
+    words, decoder = tensors[word_embedding_key(model)], tensors[f"{family.decoder}.weight"]
+    tie = words.shape == decoder.shape and torch.equal(words, decoder)
     if compensation is not None:
         tensors.update(compensation.student_tensors(keep_tie=bool(tie)))
         check_finite(tensors)
     config.tie_word_embeddings = bool(tie)
+    prefix = base_prefix(model)
     with torch.device("cpu"):
-        student = BertForMaskedLM(config)
-    if "bert.pooler.dense.weight" in tensors:
-        from transformers.models.bert.modeling_bert import BertPooler
-
-        student.bert.pooler = BertPooler(config)
+        student = type(model)(config)
+        if f"{prefix}.pooler.dense.weight" in tensors:
+            setattr(student, prefix, type(base_model(model))(config, add_pooling_layer=True))
+            if tie:
+                student.tie_weights()
     missing, unexpected = student.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in ("cls.predictions.decoder.weight",) or not tie]
+    missing = [k for k in missing if k != f"{family.decoder}.weight" or not tie]
     if missing or unexpected:
         raise FoldError(f"internal error: student tensors missing {missing} / unexpected {unexpected}")
     student.eval()
-    return student if with_head else student.bert
+    return student if with_head else base_model(student)
 
 
 @torch.no_grad()
@@ -209,16 +229,16 @@ def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: in
     lengths = torch.randint(max(1, seq_len // 3), seq_len + 1, (batch_size,), generator=generator)
     lengths[0] = seq_len
     attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-    token_type_ids = torch.randint(0, student.config.type_vocab_size, (batch_size, seq_len), generator=generator)
+    types = getattr(student.config, "type_vocab_size", 1) or 1
+    token_type_ids = torch.randint(0, types, (batch_size, seq_len), generator=generator)
+    inputs = model_inputs(student, dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        teacher_logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), token_type_ids=token_type_ids.to(device)
-        ).logits.float().cpu()
+        teacher_logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
     finally:
         model.train(was_training)
-    student_logits = student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits.float()
+    student_logits = student(**inputs).logits.float()
     keep = attention_mask.bool()
     return float((teacher_logits - student_logits)[keep].abs().max())

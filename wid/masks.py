@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import TeacherDims
+from .architecture import TeacherDims, encoder_layers, family_of, submodule
 from .compactors import HIDDEN, MLM, CompactedEmbeddingNorm, CompactedLinear, MaskedLayerNorm, WIDState, wid_state
 from .config import WIDConfig, per_head_cut_after
 
@@ -64,7 +64,8 @@ def kept_widths(config: WIDConfig, dims: TeacherDims, updates: int) -> KeptWidth
         hidden = attention = dims.head_dim * (dims.heads - _linear_growth(heads_cut, updates, length, rounding))
     intermediate = dims.intermediate - _linear_growth(dims.intermediate - config.target_intermediate, updates,
                                                       config.intermediate_updates, rounding)
-    mlm = dims.hidden - _linear_growth(dims.hidden - config.target_hidden, updates, config.mlm_updates, rounding)
+    mlm_target = config.target_hidden if dims.mlm_follows_hidden else dims.mlm
+    mlm = dims.mlm - _linear_growth(dims.mlm - mlm_target, updates, config.mlm_updates, rounding)
     return KeptWidths(hidden=hidden, attention=attention, intermediate=intermediate, mlm=mlm)
 
 
@@ -107,14 +108,14 @@ def broadcast_keep(keep: torch.Tensor, param: torch.Tensor, dim: int) -> torch.T
 
 def _representative(model, group: str) -> CompactedLinear:
     """The compactor the authors' code scores a group by (its input side is used)."""
-    layers = model.bert.encoder.layer
+    family = family_of(model)
+    layers = encoder_layers(model)
     if group == HIDDEN:
-        return layers[0].attention.self.value
+        return submodule(layers[0], family.value)
     if group == MLM:
-        return model.cls.predictions.decoder
+        return submodule(model, family.decoder)
     kind, index = group.split(".")
-    layer = layers[int(index)]
-    return layer.attention.output.dense if kind == "attention" else layer.output.dense
+    return submodule(layers[int(index)], family.attention_output if kind == "attention" else family.ffn_down)
 
 
 def channel_scores(model, group: str, criterion: str | None = None) -> torch.Tensor:

@@ -21,26 +21,41 @@ from pathlib import Path
 
 import torch
 
+from .architecture import family_of, submodule
+
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _fingerprints: dict = {}
 
 
+def _head_parts(model) -> dict:
+    """The head's own modules under the names saved heads use, whatever the family calls them."""
+    family = family_of(model)
+    return {"transform.dense": submodule(model, family.head_dense), "transform.LayerNorm": submodule(model, family.head_norm)}
+
+
+def head_bias(model) -> torch.nn.Parameter:
+    return submodule(model, family_of(model).decoder).bias
+
+
 def head_state(model) -> dict:
     """The tensors of an MLM head that a warm-up trains: transform (dense, LayerNorm) and decoder bias."""
-    predictions = model.cls.predictions
-    state = {f"transform.{k}": v for k, v in predictions.transform.state_dict().items()}
-    state["bias"] = predictions.bias.detach()
+    state = {f"{name}.{k}": v for name, module in _head_parts(model).items() for k, v in module.state_dict().items()}
+    state["bias"] = head_bias(model).detach()
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def head_parameters(model) -> list[torch.nn.Parameter]:
+    """What a head warm-up trains (the decoder weight stays tied to the frozen word embeddings)."""
+    return [p for module in _head_parts(model).values() for p in module.parameters()] + [head_bias(model)]
 
 
 @torch.no_grad()
 def load_head_state(model, state: dict) -> None:
     """Copy a saved head into `model`'s MLM head (shapes must match)."""
-    predictions = model.cls.predictions
-    transform = {k[len("transform."):]: v for k, v in state.items() if k.startswith("transform.")}
-    predictions.transform.load_state_dict(transform, strict=True)
-    predictions.bias.copy_(state["bias"])
+    for name, module in _head_parts(model).items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}, strict=True)
+    head_bias(model).copy_(state["bias"])
 
 
 def teacher_fingerprint(teacher_dir: str | Path) -> str | None:

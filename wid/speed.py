@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .architecture import max_positions
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,9 +82,9 @@ def measure_speed(model_dirs, batch_size: int = 32, seq_len: int = 128, dtype: s
         raise SpeedError("--batch_size, --seq_len and --rounds must be at least 1 and --warmup at least 0")
     target = _device(device)
     loaded = [(str(path), *_load_encoder(path, target, DTYPES[dtype])) for path in model_dirs]
-    longest = min(getattr(config, "max_position_embeddings", seq_len) for _, config, _ in loaded)
+    longest = min(max_positions(config) or seq_len for _, config, _ in loaded)
     if seq_len > longest:
-        raise SpeedError(f"--seq_len {seq_len} is longer than a model's max_position_embeddings ({longest}); use --seq_len {longest} or less")
+        raise SpeedError(f"--seq_len {seq_len} is longer than a model's usable positions ({longest}); use --seq_len {longest} or less")
     vocab = min(config.vocab_size for _, config, _ in loaded)
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)

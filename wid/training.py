@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from .architecture import head_input
 from .compactors import wid_state
 from .data import mask_tokens
 from .masks import (KeptWidths, apply_widths, current_widths, masked_entry_norm, masked_parameters, scale_masked_entries,
@@ -80,7 +81,7 @@ class MaskedLMTrainer(Trainer):
 
     def __init__(self, *args, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.selector = MaskedPositionSelector(unwrap(self.model).cls)
+        self.selector = MaskedPositionSelector(head_input(unwrap(self.model)))
         self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; the Trainer scales for accumulation
         self.run_record = run_record
         self.saved_checkpoints: list[tuple[int, Path]] = []  # (step, folder) written by this run, oldest first

@@ -127,6 +127,7 @@ setup(
         "transformers>=5.23",  # the oldest version tested (2026-11-23: 5.23, 2026-12-01: 5.24)
         "accelerate>=0.34",
         "datasets>=2.20",
+        "sentence-transformers>=3.0",  # students of sentence encoders are written and compared as sentence encoders
         "safetensors",
         "tqdm",
         "tensorboard",

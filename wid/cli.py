@@ -1,4 +1,4 @@
-"""The `wid` command: distill, export, verify, evaluate, attention, speed, info.
+"""The `wid` command: distill, export, verify, evaluate, attention, speed, similarity, info.
 
     wid distill [--teacher T] [--corpus F ...] [--preset wid55|wid11|half] [--target_hidden N ...]
                 [--method wid|kd|mlm|prune] [--recipe auto|paper|short] [--compensate on|off] [--max_steps N] [--w_step N] [--output_dir D]
@@ -9,6 +9,7 @@
     wid evaluate MODEL_DIR [--task NAME | --train_file F --validation_file F] [--num_train_epochs N] [--output_dir D]
     wid attention TEACHER_DIR STUDENT_DIR [--output FIGURE.png]
     wid speed TEACHER_DIR STUDENT_DIR [MORE_DIRS ...] [--batch_size N] [--seq_len N] [--dtype D] [--device D]
+    wid similarity TEACHER_DIR STUDENT_DIR [--texts FILE ...] [--num_texts N] [--json REPORT.json]
     wid info
 
 Bad input ends with one line on stderr that names the fix and exit status 2; Ctrl-C ends `wid distill` with one
@@ -146,6 +147,12 @@ def evaluate(argv) -> int:
     return fine_tune_and_score(argv)
 
 
+def similarity(argv) -> int:
+    from .sentence import main as compare_as_sentence_encoders
+
+    return compare_as_sentence_encoders(argv)
+
+
 def speed(argv) -> int:
     from .speed import main as time_side_by_side
 
@@ -153,7 +160,7 @@ def speed(argv) -> int:
 
 
 COMMANDS = {"distill": distill, "export": export, "verify": verify, "evaluate": evaluate, "attention": attention, "speed": speed,
-            "info": info}
+            "similarity": similarity, "info": info}
 
 
 def main(argv=None) -> int:

@@ -187,6 +187,11 @@ class WIDConfig:
                     f"use target_heads={hidden // dims.head_dim}"
                 )
             heads = hidden // dims.head_dim
+        if not dims.mlm_follows_hidden and hidden == dims.mlm:
+            raise ValueError(
+                f"target_hidden={hidden} equals the teacher's embedding_size; an ELECTRA model of equal widths has no "
+                f"embeddings_project, so this student cannot hold it: choose another target_hidden"
+            )
         return dataclasses.replace(self, target_hidden=hidden, target_intermediate=intermediate, target_heads=heads)
 
     @property

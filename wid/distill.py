@@ -27,6 +27,7 @@ from .compensate import CALIBRATION_BATCHES, DEFAULT_COMPENSATE, calibration_sou
 from .config import WIDConfig
 from .export import fold_trained, quiet_transformers, save_student
 from .fold import fold
+from .sentence import sentence_gap
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, read_run_record,
                          resume_checkpoint)
@@ -351,6 +352,9 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     output_dir = Path(training_args.output_dir)
     backend = wid_kernels.set_backend(args.backend)
     model, tokenizer, has_head = load_teacher(teacher_name)
+    sentence_notice = sentence_gap(teacher_name)
+    if sentence_notice:
+        notices.append(sentence_notice)
     teacher_params = _encoder_parameters(model)
 
     dataset = build_mlm_dataset(tokenizer, args.corpus, seq_len=args.max_seq_length)
@@ -456,7 +460,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "seconds": round(time.time() - started, 1),
     }
     if trainer is None or trainer.is_world_process_zero():
-        save_student(student, output_dir, tokenizer, summary)
+        save_student(student, output_dir, tokenizer, summary, sentence_teacher=teacher_name)
     return summary
 
 
@@ -485,7 +489,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
 
     def write_width(fraction, snapshot):
         path = output_dir / f"student-{round(fraction * 100)}pct"
-        save_student(fold(snapshot, progressbar=False), path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step})
+        save_student(fold(snapshot, progressbar=False), path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step},
+                     sentence_teacher=record["teacher"])
         student_dirs[fraction] = str(path)
 
     shrink_until = training_args.max_steps if recipe == "short" else None

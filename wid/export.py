@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .architecture import base_prefix, encoder_model_class, family_of, mlm_model_class
+from .architecture import base_prefix, encoder_model_class, family_of, intermediate_size, mlm_model_class
 from .compactors import attach
 from .config import WIDConfig
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
@@ -151,13 +151,17 @@ def write_json_atomically(path, data: dict) -> Path:
     return path
 
 
-def save_student(student, output_dir, tokenizer=None, summary: dict | None = None) -> Path:
-    """Write a folded student (and tokenizer, and a JSON summary) so that it appears all at once."""
+def save_student(student, output_dir, tokenizer=None, summary: dict | None = None, sentence_teacher=None) -> Path:
+    """Write a folded student (and tokenizer, and a JSON summary) so that it appears all at once. With
+    `sentence_teacher` (a sentence-transformers teacher folder) the student gets its modules too (wid.sentence)."""
+    from .sentence import write_sentence_files
 
     def write(tmp: Path):
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if sentence_teacher is not None:
+            write_sentence_files(sentence_teacher, tmp, student.config.hidden_size)
         if summary is not None:
             (tmp / "wid_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -256,13 +260,16 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
         "student": str(output_dir),
         "hidden_size": student.config.hidden_size,
         "num_attention_heads": student.config.num_attention_heads,
-        "intermediate_size": student.config.intermediate_size,
+        "intermediate_size": intermediate_size(student.config),
         "masked_entry_norm_before_fold": masked_norm,
         "max_logit_difference_after_pruning": difference,
         "compensate": compensate,
         "compensation": compensation,
     }
-    save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report)
+    from .run_folder import read_run_record
+
+    teacher = (read_run_record(checkpoint_dir) or {}).get("teacher")
+    save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report, sentence_teacher=teacher)
     return report
 
 

@@ -97,13 +97,13 @@ def test_bad_input_gives_one_line_errors(files, tmp_path, capsys, change, fragme
     assert fragment in error and len(error.splitlines()) == 1
 
 
-def test_a_non_bert_teacher_is_refused(files, tmp_path, capsys):
-    teacher = tmp_path / "roberta"
+def test_a_teacher_of_an_unsupported_family_is_refused(files, tmp_path, capsys):
+    teacher = tmp_path / "deberta"
     teacher.mkdir()
-    (teacher / "config.json").write_text(json.dumps({"model_type": "roberta", "hidden_size": 12, "num_attention_heads": 3,
+    (teacher / "config.json").write_text(json.dumps({"model_type": "deberta-v2", "hidden_size": 12, "num_attention_heads": 3,
                                                      "num_hidden_layers": 1, "intermediate_size": 20, "vocab_size": 50}))
     assert main(["distill", *distill_argv(teacher, files["corpus"], tmp_path / "o")]) == 2
-    assert "model_type 'bert'" in capsys.readouterr().err
+    assert "model_type 'deberta-v2'" in capsys.readouterr().err
 
 
 def test_export_and_verify_a_checkpoint(files, tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""wid: Weight-Inherited Distillation for BERT-family models (Wu et al., NAACL 2024 Findings).
+"""wid: Weight-Inherited Distillation for BERT-family encoders (Wu et al., NAACL 2024 Findings).
+
+Families: bert, roberta, xlm-roberta, camembert, electra, distilbert (wid.architecture).
 
     model = wid.attach(teacher, wid.WIDConfig(preset="wid55"))   # identity compactors, same logits
     optimizer = wid.build_optimizer(model)                        # AdamW + the WID update rule
     ... every w_step steps: wid.update_masks(model) ...
-    student = wid.fold(model)                                     # plain BertForMaskedLM
+    student = wid.fold(model)                                     # plain model of the teacher's class
 """
 from .architecture import TeacherDims, UnsupportedModelError
 from .compactors import CompactedLinear, MaskedLayerNorm, WIDState, attach

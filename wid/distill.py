@@ -26,8 +26,8 @@ from .compactors import attach
 from .compensate import CALIBRATION_BATCHES, DEFAULT_COMPENSATE, calibration_source, check_compensate
 from .config import WIDConfig
 from .export import fold_trained, quiet_transformers, save_student
-from .fold import fold
-from .sentence import sentence_gap
+from .fold import FoldError, fold
+from .sentence import encoder_folder, sentence_gap
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, read_run_record,
                          resume_checkpoint)
@@ -315,7 +315,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     if args.save_widths and args.method != "wid":
         raise RunError("--save_widths needs --method wid (the baselines start at the student's widths)")
     teacher_name = args.teacher or default_teacher_path()
-    teacher = teacher_config(teacher_name)
+    teacher = teacher_config(encoder_folder(teacher_name))
     dims = TeacherDims.from_config(teacher)
     positions = max_positions(teacher)
     if positions is not None and args.max_seq_length > positions:
@@ -351,7 +351,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
 
     output_dir = Path(training_args.output_dir)
     backend = wid_kernels.set_backend(args.backend)
-    model, tokenizer, has_head = load_teacher(teacher_name)
+    encoder_dir = encoder_folder(teacher_name)  # a sentence-transformers folder may keep it in 0_Transformer/
+    model, tokenizer, has_head = load_teacher(encoder_dir)
     sentence_notice = sentence_gap(teacher_name)
     if sentence_notice:
         notices.append(sentence_notice)
@@ -382,7 +383,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
               f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
     record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
-                  teacher_fingerprint=teacher_fingerprint(teacher_name), wid_config=config.to_dict(), corpus=args.corpus,
+                  teacher_fingerprint=teacher_fingerprint(encoder_dir), wid_config=config.to_dict(), corpus=args.corpus,
                   max_seq_length=args.max_seq_length)
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
@@ -390,7 +391,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
 
     head_source = "the teacher's own"
     if not has_head:
-        shipped = load_shipped_head(model, teacher_name, DEFAULT_TEACHER_NAME)
+        shipped = load_shipped_head(model, encoder_dir, DEFAULT_TEACHER_NAME)
         if shipped is not None:
             has_head = True
             head_source = (f"shipped with wid (wid/heads/{DEFAULT_TEACHER_NAME}.safetensors; held-out MLM loss "
@@ -400,7 +401,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     warmup_steps = args.head_warmup_steps if args.head_warmup_steps is not None else (0 if has_head else max(10, training_args.max_steps // 5))
     warmup_loss = None
     if warmup_steps > 0:
-        key = warmup_key(teacher_name, resolve_corpus(args.corpus), dict(
+        key = warmup_key(encoder_dir, resolve_corpus(args.corpus), dict(
             steps=warmup_steps, lr=args.head_warmup_lr, seed=training_args.seed, seq_len=args.max_seq_length,
             batch=training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size,
             head=head_source))
@@ -489,7 +490,12 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
 
     def write_width(fraction, snapshot):
         path = output_dir / f"student-{round(fraction * 100)}pct"
-        save_student(fold(snapshot, progressbar=False), path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step},
+        try:
+            student = fold(snapshot, progressbar=False)
+        except FoldError as error:
+            notices.append(f"--save_widths {fraction:g}: not written ({error})")
+            return
+        save_student(student, path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step},
                      sentence_teacher=record["teacher"])
         student_dirs[fraction] = str(path)
 

@@ -62,6 +62,8 @@ def kept_indices(model) -> dict:
             break
     if width == 0:
         problems.append("no hidden channel is kept")
+    if not dims.mlm_follows_hidden and width == dims.mlm:
+        problems.append(f"the hidden width {width} equals the embedding width, where ELECTRA has no embeddings_project")
     if problems:
         raise FoldError(
             "the masks do not describe a uniform student yet (" + "; ".join(problems) + "); "

@@ -43,6 +43,16 @@ def _kind(module: dict) -> str:
     return str(module.get("type", "")).rsplit(".", 1)[-1]
 
 
+def encoder_folder(model_dir) -> str:
+    """Where a folder's Hugging Face model lives: the folder itself, or the Transformer module's subfolder of an
+    older sentence-transformers layout (`0_Transformer/`)."""
+    for module in sentence_modules(model_dir) or ():
+        folder = module.get("path") or ""
+        if _kind(module) == "Transformer" and folder and (Path(str(model_dir)) / folder / "config.json").is_file():
+            return str(Path(str(model_dir)) / folder)
+    return str(model_dir) if isinstance(model_dir, Path) else model_dir
+
+
 def sentence_gap(teacher_dir) -> str | None:
     """Why a student of this sentence-encoder teacher cannot be a sentence-transformers model; None when it can
     (or when the teacher is not one)."""
@@ -62,14 +72,20 @@ def write_sentence_files(teacher_dir, student_dir, hidden_size: int) -> bool:
     if modules is None or sentence_gap(teacher_dir) is not None:
         return False
     teacher_dir, student_dir = Path(teacher_dir), Path(student_dir)
+    encoder_dir = Path(encoder_folder(teacher_dir))
+    for module in modules:
+        if _kind(module) == "Transformer":
+            module["path"] = ""  # the student's weights and tokenizer live at the root of its folder
     (student_dir / MODULES_FILE).write_text(json.dumps(modules, indent=2) + "\n")
     for name in SETTINGS_FILES:
-        if (teacher_dir / name).is_file():
-            shutil.copyfile(teacher_dir / name, student_dir / name)
+        for source in (teacher_dir / name, encoder_dir / name):
+            if source.is_file():
+                shutil.copyfile(source, student_dir / name)
+                break
     for module in modules:
         folder = module.get("path") or ""
         if not folder:
-            continue  # the Transformer itself lives at the root: the student's weights and tokenizer
+            continue
         target = student_dir / folder
         target.mkdir(parents=True, exist_ok=True)
         source = teacher_dir / folder

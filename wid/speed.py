@@ -84,7 +84,7 @@ def measure_speed(model_dirs, batch_size: int = 32, seq_len: int = 128, dtype: s
     loaded = [(str(path), *_load_encoder(path, target, DTYPES[dtype])) for path in model_dirs]
     longest = min(max_positions(config) or seq_len for _, config, _ in loaded)
     if seq_len > longest:
-        raise SpeedError(f"--seq_len {seq_len} is longer than a model's usable positions ({longest}); use --seq_len {longest} or less")
+        raise SpeedError(f"--seq_len {seq_len} is longer than a model's max_position_embeddings ({longest}); use --seq_len {longest} or less")
     vocab = min(config.vocab_size for _, config, _ in loaded)
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)

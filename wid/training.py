@@ -324,7 +324,8 @@ class WIDScheduleCallback(TrainerCallback):
                 continue
             self.saved.add(fraction)
             uniform = KeptWidths(
-                hidden=widths["hidden"], attention=widths["hidden"], intermediate=min(widths["intermediate"]), mlm=widths["hidden"]
+                hidden=widths["hidden"], attention=widths["hidden"], intermediate=min(widths["intermediate"]),
+                mlm=widths["hidden"] if dims.mlm_follows_hidden else dims.mlm,
             )
             if self.trainer.is_world_process_zero():
                 self.on_width(fraction, uniform_snapshot(model, uniform))

@@ -51,6 +51,7 @@ class WIDState(nn.Module):
         self.register_buffer("keep_mlm", torch.ones(dims.mlm, dtype=torch.bool, device=device))
         self.register_buffer("mask_updates", torch.zeros((), dtype=torch.long, device=device))
         self._masks_active = False  # host mirror of mask_updates > 0: no device sync per forward
+        self._views: dict = {}  # group -> (buffer, its row): one view object per mask, so per-mask caches hit
         if config.alignment == "tied":
             self.compactors = nn.ParameterDict(
                 {_tied_key(g): nn.Parameter(torch.eye(self.group_width(g), device=device, dtype=dtype)) for g in self.groups()}
@@ -68,13 +69,26 @@ class WIDState(nn.Module):
         return self.dims.intermediate if group.startswith("intermediate") else self.dims.hidden
 
     def keep(self, group: str) -> torch.Tensor:
-        """The bool keep-mask of a group (a view into the buffers; writes go through)."""
+        """The bool keep-mask of a group (a view into the buffers; writes go through).
+
+        Always the same tensor object for a group while its buffer lives (a new buffer after `.to()` gets a new
+        view): the kernels cache the kept indices per mask object and version, and a fresh view per call would
+        make every call a miss and a host sync (`nonzero`)."""
         if group == HIDDEN:
             return self.keep_hidden
         if group == MLM:
             return self.keep_mlm
         kind, layer = group.split(".")
-        return (self.keep_attention if kind == "attention" else self.keep_intermediate)[int(layer)]
+        buffer = self.keep_attention if kind == "attention" else self.keep_intermediate
+        cached = self._views.get(group)
+        if cached is None or cached[0] is not buffer:
+            cached = self._views[group] = (buffer, buffer[int(layer)])
+        return cached[1]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_views"] = {}  # a copied view need not alias the copied buffer: rebuild them from the copy
+        return state
 
     @property
     def masks_active(self) -> bool:

@@ -86,12 +86,16 @@ class MaskedLMTrainer(Trainer):
         self.run_record = run_record
         self.saved_checkpoints: list[tuple[int, Path]] = []  # (step, folder) written by this run, oldest first
         self.resumed_from: str | None = None
+        self._first_bad = None  # on the loss's device: (step, loss) of the first non-finite loss, step -1 if none
         if self.args.device.type == "cpu":
             flush_denormals()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.resumed_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._first_bad = None
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        self.check_finite_losses()
+        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -117,20 +121,44 @@ class MaskedLMTrainer(Trainer):
         return summed / positions.sum().clamp_min(1)  # no sync; a batch without masked tokens gives 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The step, with the first non-finite loss recorded on the device: reading it every step would stop a GPU
+        once per step (a host sync); it is read where the Trainer syncs anyway (`check_finite_losses`)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(self._divergence_message(float(loss)))
+        detached = loss.detach().float().reshape(())
+        if self._first_bad is None or self._first_bad[0].device != detached.device:
+            self._first_bad = (torch.full((), -1, dtype=torch.long, device=detached.device), torch.zeros((), device=detached.device))
+        step, value = self._first_bad
+        new = ~torch.isfinite(detached) & (step < 0)
+        step.copy_(torch.where(new, self.state.global_step, step))
+        value.copy_(torch.where(new, detached, value))
         return loss
+
+    def check_finite_losses(self) -> None:
+        """Raise TrainingDivergedError if a step's loss was NaN or infinite (one host sync): before every log line,
+        checkpoint and mask update, and at the end of training, so nothing is logged, saved or pruned from weights
+        that gave such a loss. The error names the step and the newest checkpoint saved before it."""
+        if self._first_bad is None:
+            return
+        step = int(self._first_bad[0])
+        if step >= 0:
+            loss = float(self._first_bad[1])
+            self._first_bad = None
+            raise TrainingDivergedError(self._divergence_message(loss, step))
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.control.should_log or self.control.should_save or self.control.should_evaluate:
+            self.check_finite_losses()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def last_good_checkpoint(self, before_step: int | None = None) -> str | None:
         """The newest checkpoint of this run (or the one it resumed from) saved before `before_step`."""
         good = [str(path) for step, path in self.saved_checkpoints if before_step is None or step < before_step]
         return good[-1] if good else self.resumed_from
 
-    def _divergence_message(self, loss: float) -> str:
+    def _divergence_message(self, loss: float, step: int | None = None) -> str:
         """The loss was computed from the weights after `global_step` steps, so a checkpoint of that step (or later)
         holds weights that give it: it is renamed `diverged-checkpoint-N` (never resumed from by accident)."""
-        step = self.state.global_step
+        step = self.state.global_step if step is None else step
         for saved_step, path in self.saved_checkpoints:
             if saved_step >= step and path.is_dir() and self.is_world_process_zero():
                 path.rename(path.with_name(f"diverged-{path.name}"))
@@ -304,6 +332,7 @@ class WIDScheduleCallback(TrainerCallback):
         model = unwrap(self.trainer.model)
         config = wid_state(model).config
         if state.global_step % config.w_step == 0:
+            self.trainer.check_finite_losses()  # never rank channels by weights that gave a NaN loss
             update_masks(model)
             self.trainer.pending_logs.update(width_logs(model))
             control.should_log = True

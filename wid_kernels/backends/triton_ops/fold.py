@@ -259,7 +259,8 @@ def _autograd_backward(ctx, gW, gb):
     Q, W, L, bias, keep_out, keep_in = ctx.saved_tensors
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
     if gW is None:
-        gW = W.new_zeros(0 if keep_out is None else int(keep_out.sum()), 0 if keep_in is None else int(keep_in.sum()))
+        gW = W.new_zeros(0 if keep_out is None else kept_indices(keep_out).numel(),
+                         0 if keep_in is None else kept_indices(keep_in).numel())  # cached: no host sync
     gb = W.new_empty(0) if gb is None else gb
     grads = _backward(gW, gb, Q, W, L, bias, keep_out, keep_in, ctx.scale, need)
     return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None)

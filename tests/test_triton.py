@@ -10,7 +10,6 @@ import importlib
 import os
 import subprocess
 import sys
-import textwrap
 
 import torch
 
@@ -383,66 +382,8 @@ def test_bf16_on_the_gpu(op):
             _close(s[0], r[0], 5e-2, "param")
 
 
-# ----------------------------------------------------------------------------------------- compile + registry
-COMPILE_FOR_H100 = textwrap.dedent('''
-    import importlib, os, sys, types
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    import wid_kernels.backends
-    # The package __init__ refuses to load without a GPU or the interpreter; the kernels alone are needed.
-    pkg = types.ModuleType("wid_kernels.backends.triton_ops")
-    pkg.__path__ = [os.path.join(os.path.dirname(wid_kernels.backends.__file__), "triton_ops")]
-    sys.modules[pkg.__name__] = pkg
-    F, N, A = (importlib.import_module(pkg.__name__ + "." + n) for n in ("fold", "masked_layer_norm", "wid_adamw"))
-    compiled = set()
-
-    def build(kernel, signature, constexprs, **options):
-        full = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-        src = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-        assert ".target sm_90" in ptx and ".entry " + kernel.__name__ in ptx, kernel.__name__
-        compiled.add(kernel.__name__)
-
-    f32 = "fp32"
-    for pdt, gdt in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
-        build(A._wid_adamw_kernel, dict(META="*i64", CHUNKS="*i32", lr=f32, beta1=f32, beta2=f32, eps=f32, decay=f32,
-                                        pen_lo=f32, pen_hi=f32),
-              dict(P_DT=gdt, G_DT=gdt, M_DT=tl.float32, V_DT=tl.float32, MASKS_ACTIVE=True, HAS_EXTRA=True,
-                   AUTHORS=True, N_META=A._N_META, BLOCK=2048), num_warps=4)
-        io = dict(X="*" + pdt, R="*" + pdt, GAMMA="*fp32", BETA="*fp32", KEEP="*u8", MEAN="*fp32", RSTD="*fp32",
-                  n_rows="i32", n_cols="i32", count=f32)
-        build(N._mln_forward_kernel, dict(io, Y="*" + pdt, eps=f32),
-              dict(HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_BETA=True, HAS_KEEP=True, BLOCK_M=4, BLOCK_N=1024), num_warps=4)
-        build(N._mln_backward_kernel, dict(io, DY="*" + pdt, DH="*" + pdt, DGAMMA_PART="*fp32", DBETA_PART="*fp32"),
-              dict(HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_KEEP=True, NEED_DH=True, NEED_DGAMMA=True, NEED_DBETA=True,
-                   BLOCK_M=4, BLOCK_N=1024), num_warps=4)
-        gemm = dict(A="*" + pdt, B="*" + pdt, C="*" + pdt, IDX_M="*i32", IDX_N="*i32", BIAS_IN="*" + pdt,
-                    BIAS_OUT="*" + pdt, U="*" + pdt, V="*" + pdt, M="i32", N="i32", K="i32", s_am="i32", s_ak="i32",
-                    s_bk="i32", s_bn="i32", s_cm="i32", s_cn="i32", scale=f32, bias_scale=f32)
-        for big in (False, True):
-            bm, bn, bk, group, warps, stages = F._config(4096 if big else 64, 4096 if big else 64)
-            build(F._gather_gemm_kernel, gemm,
-                  dict(GATHER_M=True, SCATTER_M=big, GATHER_N=True, SCATTER_N=not big, HAS_BIAS=True, HAS_RANK1=True,
-                       COMPUTE=gdt, PRECISION="ieee" if pdt == "fp32" and not big else "tf32",
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group), num_warps=warps, num_stages=stages)
-    kernels = {name for mod in (F, N, A) for name, obj in vars(mod).items()
-               if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
-    assert kernels == compiled, kernels - compiled
-    print("COMPILED", sorted(compiled))
-''')
-
-
-def test_every_kernel_compiles_for_the_h100_without_a_gpu():
-    """Lower every kernel (the dtypes and tile configs the launchers use) to sm_90 PTX.
-
-    Runs in a fresh process without TRITON_INTERPRET: in interpreter mode triton's own library
-    functions are interpreted objects and cannot be compiled."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "COMPILED ['_gather_gemm_kernel', '_mln_backward_kernel', '_mln_forward_kernel', '_wid_adamw_kernel']" in out.stdout
+# ----------------------------------------------------------------------------------------- registry
+# (every kernel lowered for the H100 without a GPU: tests/test_compile_report.py)
 
 
 def test_the_dispatcher_routes_every_op_to_this_backend():

@@ -1,0 +1,73 @@
+"""`python -m wid_kernels.compile_report --arch 90`: every kernel lowered for the H100/H200 without a GPU, and
+what its machine code says: bf16/fp16 GEMMs on tensor cores, no kernel spilling registers."""
+import json
+import re
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"kernel", "op", "dtype", "registers", "spills", "shared_bytes", "tensor_cores"}
+OPS = {"compacted_linear", "fold", "masked_layer_norm", "wid_adamw_multi_tensor"}
+GEMM_OPS = {"compacted_linear", "fold"}
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels cannot be compiled
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "wid_kernels.compile_report", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def report():
+    out = _run("--arch", "90")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_the_report_lists_every_triton_kernel_for_every_dtype(report):
+    assert report and all(KEYS <= set(row) for row in report)
+    assert {row["op"] for row in report} == OPS
+    assert {row["dtype"] for row in report} == {"bf16", "fp16", "fp32"}
+    # every @triton.jit function of the backend (read from the sources: here the kernels are interpreted objects)
+    folder = os.path.join(ROOT, "wid_kernels", "backends", "triton_ops")
+    sources = "".join(open(os.path.join(folder, name)).read() for name in os.listdir(folder) if name.endswith(".py"))
+    kernels = set(re.findall(r"@triton\.jit[^\n]*\ndef (\w+)\(", sources))
+    assert len(kernels) >= 4
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert {row["kernel"] for row in report if row["source"] == "triton" and row["dtype"] == dtype} == kernels
+    assert all(isinstance(row["registers"], int) and 0 < row["registers"] <= 255 for row in report)
+
+
+def test_half_precision_gemms_use_tensor_cores(report):
+    gemms = [row for row in report if row["op"] in GEMM_OPS and row["dtype"] in ("bf16", "fp16")]
+    assert gemms and all(row["tensor_cores"] for row in gemms), [row["variant"] for row in gemms if not row["tensor_cores"]]
+    # the detector tells them apart: fp32 GEMMs at torch's default (no TF32) run on the CUDA cores
+    assert not any(row["tensor_cores"] for row in report if row["op"] in GEMM_OPS and row["dtype"] == "fp32")
+    assert not any(row["tensor_cores"] for row in report if row["op"] not in GEMM_OPS)
+
+
+def test_no_kernel_spills(report):
+    assert [row for row in report if row["spills"]] == []
+
+
+def test_the_extensions_cuda_kernels_are_listed_when_it_has_them(report):
+    from wid_kernels import _C
+
+    cuda_rows = [row for row in report if row["source"] == "cuda"]
+    if getattr(_C, "cuda_built", False):  # built with CUDA here (CI builds for 8.0;9.0)
+        assert {row["op"] for row in cuda_rows} == {"masked_layer_norm", "wid_adamw_multi_tensor"}
+        assert {row["dtype"] for row in cuda_rows} == {"bf16", "fp16", "fp32"}
+    else:
+        assert cuda_rows == []
+
+
+def test_bad_arguments_are_one_line():
+    out = _run("--arch", "52")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--arch 52" in out.stderr
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "wid_kernels.compile_report"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "TRITON_INTERPRET" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -71,3 +71,10 @@ def test_bad_arguments_are_one_line():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-m", "wid_kernels.compile_report"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "TRITON_INTERPRET" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_optimizer_kernel_is_light_enough_for_high_occupancy(report):
+    """A bandwidth-bound kernel needs many warps in flight: the Triton AdamW took 238–252 registers with 64-bit
+    offsets and divisions; with int32 indexing and 4 elements per thread it must stay at 64 or below."""
+    adamw = [row for row in report if row["op"] == "wid_adamw_multi_tensor" and row["source"] == "triton"]
+    assert adamw and max(row["registers"] for row in adamw) <= 64

@@ -146,11 +146,13 @@ def test_masked_layer_norm_gradient_of_unkept_channels_flows_through_the_statist
 # ----------------------------------------------------------------------------------------- WID-AdamW
 def _adamw_case(dtype, keep_kind, generator):
     """Tensors of a group: row- and column-masked compactors, a masked vector, an unmasked matrix,
-    a 1×1 tensor and a vector longer than one kernel chunk."""
-    shapes = [(37, 13), (13, 37), (45,), (9, 5), (1, 1), (adamw_mod._BLOCK + 7,)]
-    axes = [0, 1, 0, 0, 1, 0]
-    masked = [True, True, True, False, True, True]
-    is_compactor = [True, True, False, True, True, False]
+    a 1×1 tensor and a vector longer than one kernel chunk; odd sizes, and sizes a multiple of 8 (the kernel's
+    128-bit path: fresh allocations are 16-byte aligned)."""
+    shapes = [(37, 13), (13, 37), (45,), (9, 5), (1, 1), (adamw_mod._BLOCK + 7,), (24, 16), (16, 24), (40,),
+              (2 * adamw_mod._BLOCK + 8,)]
+    axes = [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+    masked = [True, True, True, False, True, True, True, True, True, False]
+    is_compactor = [True, True, False, True, True, False, True, True, False, False]
     state = []
     for shape in shapes:
         p, g, m = (_rand(generator, *shape, dtype=dtype) for _ in range(3))
@@ -185,6 +187,27 @@ def test_wid_adamw_matches_the_reference_step(dtype, masks_active, penalty, keep
     for i, (o, r) in enumerate(zip(ours, ref)):
         for name, got, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq"), o, r):
             _close(got, expected, TOL[dtype] if dtype != torch.float32 else 1e-5, f"tensor {i} {name}")
+
+
+def test_wid_adamw_takes_the_vector_path_only_for_aligned_tensors():
+    whole = torch.zeros(64, device=DEVICE)
+    assert adamw_mod.vector_aligned(whole, whole[:32])
+    assert not adamw_mod.vector_aligned(whole[1:33])  # 4 bytes in: not a 16-byte boundary
+    assert not adamw_mod.vector_aligned(whole[:36])  # 36 elements: the bounds mask would split a vector
+    # and a group mixing both computes what the reference does
+    generator = torch.Generator().manual_seed(5)
+    state = [[_rand(generator, *shape, dtype=torch.float32) for _ in range(4)] for shape in ((8, 8), (8, 8))]
+    buffer = torch.zeros(65, device=DEVICE)
+    state[1] = [buffer[1:].view(8, 8).copy_(t) if i == 0 else t for i, t in enumerate(state[1])]
+    for s in state:
+        s[3] = s[3].abs()
+    ref = [[t.double() for t in s] for s in state]
+    keeps = [_keep(8, "scattered", generator), _keep(8, "scattered", generator)]
+    args = (keeps, [0, 1], [True, True], 1e-2, 0.9, 0.999, 1e-6, 0.01, 20.0, True)
+    triton_ops.wid_adamw_multi_tensor(*[list(c) for c in zip(*state)], *args)
+    reference.wid_adamw_multi_tensor(*zip(*ref), *args)
+    for s, r in zip(state, ref):
+        _close(s[0], r[0], 1e-5, "param")
 
 
 def test_wid_adamw_first_moment_injection_follows_the_authors_rule():

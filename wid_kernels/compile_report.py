@@ -136,8 +136,10 @@ def _triton_variants(arch: int):
                    signature=dict(META="*i64", CHUNKS="*i32", lr=f32, beta1=f32, beta2=f32, eps=f32, decay=f32, pen_lo=f32,
                                   pen_hi=f32),
                    constexprs=dict(P_DT=tl_dtype[dtype], G_DT=tl_dtype[dtype], M_DT=tl.float32, V_DT=tl.float32,
-                                   MASKS_ACTIVE=True, HAS_EXTRA=True, AUTHORS=True, N_META=adamw._N_META, BLOCK=adamw._BLOCK),
-                   options=dict(num_warps=4), variant=f"{dtype} parameters, fp32 moments, {adamw._BLOCK} per chunk, 4 warps")
+                                   MASKS_ACTIVE=True, HAS_EXTRA=True, AUTHORS=True, ALIGNED=True, N_META=adamw._N_META,
+                                   BLOCK=adamw._BLOCK),
+                   options=dict(num_warps=adamw._WARPS),
+                   variant=f"{dtype} parameters, fp32 moments, {adamw._BLOCK} per chunk, {adamw._WARPS} warps, 16-byte aligned")
 
 
 def triton_report(arch: int) -> list[dict]:

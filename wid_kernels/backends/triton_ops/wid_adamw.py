@@ -17,6 +17,12 @@ Multi-tensor: the tensors of a group are described by a small int64 table (addre
 indexing), and the grid runs over fixed-size chunks of all of them; each program reads its tensor's
 row of the table and turns the addresses back into typed pointers. The tables are cached while the
 tensors' addresses stay the same, so a steady training loop does no host-to-device copy per step.
+
+Bandwidth: offsets are int32 (tensors under 2^31 elements; larger ones take the reference step), the
+keep index of an element is one int32 division (rows: offset // columns) or remainder (columns:
+offset % columns), never the two 64-bit divisions of a general (offset // div) % mod, and buckets whose
+tensors all start at 16-byte boundaries (every fresh allocation) tell the compiler so, which lets it
+use 128-bit loads and stores. `python -m wid_kernels.compile_report` shows the registers it takes.
 """
 from __future__ import annotations
 
@@ -31,16 +37,17 @@ from ... import reference
 
 __all__ = ["wid_adamw_multi_tensor"]
 
-# columns of the per-tensor table
-_P, _G, _M, _V, _KEEP, _NUMEL, _DIV, _MOD, _HAS_KEEP, _ADD_PARAM = range(10)
-_N_META = 10
+# columns of the per-tensor table; KEEP_BY is 0 (no mask), 1 (keep[offset // WIDTH]: rows) or 2 (keep[offset % WIDTH])
+_P, _G, _M, _V, _KEEP, _NUMEL, _WIDTH, _KEEP_BY, _ADD_PARAM = range(9)
+_N_META = 9
+_ALIGN = 16  # bytes: 128-bit accesses
 
 
 @triton.jit
 def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi,
                       P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
                       MASKS_ACTIVE: tl.constexpr, HAS_EXTRA: tl.constexpr, AUTHORS: tl.constexpr,
-                      N_META: tl.constexpr, BLOCK: tl.constexpr):
+                      ALIGNED: tl.constexpr, N_META: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(CHUNKS + 2 * pid)
     chunk = tl.load(CHUNKS + 2 * pid + 1)
@@ -50,20 +57,32 @@ def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi
     m_ptr = tl.load(row + 2).to(tl.pointer_type(M_DT), bitcast=True)
     v_ptr = tl.load(row + 3).to(tl.pointer_type(V_DT), bitcast=True)
     k_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8), bitcast=True)
-    numel = tl.load(row + 5)
-    div = tl.load(row + 6)
-    mod = tl.load(row + 7)
-    has_keep = tl.load(row + 8)
-    add_param = tl.load(row + 9)
-
-    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    numel = tl.load(row + 5).to(tl.int32)
+    width = tl.load(row + 6).to(tl.int32)
+    keep_by = tl.load(row + 7)
+    add_param = tl.load(row + 8)
+    has_keep = keep_by != 0
+    if ALIGNED:  # the size is a multiple of 8 too, so the bounds mask is constant over 128-bit vectors
+        numel = tl.multiple_of(numel, 8)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     ok = offs < numel
-    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    grad = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    p_at, g_at, m_at, v_at = p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs
+    if ALIGNED:  # each run of BLOCK addresses starts on a 16-byte boundary: 128-bit accesses
+        p_at = tl.max_contiguous(tl.multiple_of(p_at, 16), BLOCK)
+        g_at = tl.max_contiguous(tl.multiple_of(g_at, 16), BLOCK)
+        m_at = tl.max_contiguous(tl.multiple_of(m_at, 16), BLOCK)
+        v_at = tl.max_contiguous(tl.multiple_of(v_at, 16), BLOCK)
+    p = tl.load(p_at, mask=ok, other=0.0).to(tl.float32)
+    grad = tl.load(g_at, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_at, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(v_at, mask=ok, other=0.0).to(tl.float32)
     if MASKS_ACTIVE:
-        kv = tl.load(k_ptr + (offs // div) % mod, mask=ok & (has_keep != 0), other=1)
+        if keep_by == 1:
+            index = offs // width
+        else:
+            index = offs % width
+        kv = tl.load(k_ptr + index, mask=ok & has_keep, other=1)
         kept = kv != 0
         g = tl.where(kept, grad, pen_lo * p)
     else:
@@ -72,7 +91,7 @@ def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi
         if HAS_EXTRA:
             if AUTHORS:  # only tensors under the rule get the pre-step decay
                 injected = m * beta1 + (1.0 - beta1) * tl.where(kept, 0.0, pen_hi * p)
-                m = tl.where(has_keep != 0, injected, m)
+                m = tl.where(has_keep, injected, m)
     m = m * beta1 + (1.0 - beta1) * g
     if MASKS_ACTIVE:
         if HAS_EXTRA:
@@ -83,22 +102,30 @@ def _wid_adamw_kernel(META, CHUNKS, lr, beta1, beta2, eps, decay, pen_lo, pen_hi
         p = (p - lr * (m / (tl.sqrt(v) + eps))) * decay
     else:
         p = p * decay - lr * (m / (tl.sqrt(v) + eps))
-    tl.store(p_ptr + offs, p.to(P_DT), mask=ok)
-    tl.store(m_ptr + offs, m.to(M_DT), mask=ok)
-    tl.store(v_ptr + offs, v.to(V_DT), mask=ok)
+    tl.store(p_at, p.to(P_DT), mask=ok)
+    tl.store(m_at, m.to(M_DT), mask=ok)
+    tl.store(v_at, v.to(V_DT), mask=ok)
 
 
-_BLOCK = 4096 if INTERPRET else 2048
+_BLOCK = 4096 if INTERPRET else 1024
+_WARPS = 8
+_MAX_NUMEL = 2**31 - 1 - _BLOCK  # int32 offsets (chunk·BLOCK + lane) must not overflow
 _table_cache: dict = {}
 _chunk_cache: dict = {}
 _dummy: dict = {}
+
+
+def vector_aligned(*tensors) -> bool:
+    """True when every tensor starts on a 16-byte boundary and has a multiple of 8 elements: the kernel may then
+    use 128-bit accesses (the bounds mask is constant over each vector)."""
+    return all(t.numel() % 8 == 0 and t.data_ptr() % _ALIGN == 0 for t in tensors)
 
 
 def _fusable(p, g, m, v, keep, axis):
     tensors = (p, g, m, v)
     if any(t.dtype not in TL_DTYPE for t in tensors) or any(not t.is_contiguous() for t in tensors):
         return False
-    if any(t.device != p.device or t.shape != p.shape for t in tensors) or p.dim() > 2:
+    if any(t.device != p.device or t.shape != p.shape for t in tensors) or p.dim() > 2 or p.numel() > _MAX_NUMEL:
         return False
     if keep is not None:
         if keep.device != p.device or keep.dim() != 1 or not keep.is_contiguous():
@@ -110,11 +137,12 @@ def _fusable(p, g, m, v, keep, axis):
 
 
 def _keep_indexing(p, axis):
-    """(div, mod) with keep index = (flat offset // div) % mod, matching `reference.keep_broadcast`."""
+    """(width, keep_by): keep index = offset // width (1: rows) or offset % width (2: columns or a vector),
+    matching `reference.keep_broadcast`."""
     if p.dim() <= 1:
-        return 1, max(p.numel(), 1)
+        return max(p.numel(), 1), 2
     rows, cols = p.shape
-    return (cols, max(rows, 1)) if axis == 0 else (1, max(cols, 1))
+    return (max(cols, 1), 1) if axis == 0 else (max(cols, 1), 2)
 
 
 def _chunks(numels, device):
@@ -148,9 +176,9 @@ def _tables(items, device):
         dummy = _dummy[device].data_ptr()
         meta = []
         for p, g, m, v, k, axis, comp in items:
-            div, mod = _keep_indexing(p, axis)
+            width, keep_by = _keep_indexing(p, axis)
             meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), dummy if k is None else k.data_ptr(),
-                         p.numel(), div, mod, int(k is not None), int(k is not None and bool(comp))])
+                         p.numel(), width, keep_by if k is not None else 0, int(k is not None and bool(comp))])
         meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
         if len(_table_cache) > 64:
             _table_cache.clear()
@@ -173,18 +201,20 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, 
             continue
         if p.numel() == 0:
             continue
-        bucket_key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype)
+        aligned = vector_aligned(p, g, m, v)
+        bucket_key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype, aligned)
         buckets.setdefault(bucket_key, []).append((p, g, m, v, None if k is None else k.view(torch.uint8), axis,
                                                    is_compactor[i]))
-    for (device, p_dt, g_dt, m_dt, v_dt), items in buckets.items():
+    for (device, p_dt, g_dt, m_dt, v_dt, aligned), items in buckets.items():
         meta, chunks = _tables(items, device)
         decay = 1.0 - lr * weight_decay if weight_decay else 1.0
         launch(_wid_adamw_kernel, (chunks.shape[0],), chunks,
             meta, chunks, float(lr), float(beta1), float(beta2), float(eps), float(decay),
             float(min(penalty, 1.0)), float(penalty - 1.0),
             P_DT=TL_DTYPE[p_dt], G_DT=TL_DTYPE[g_dt], M_DT=TL_DTYPE[m_dt], V_DT=TL_DTYPE[v_dt],
-            MASKS_ACTIVE=bool(masks_active), HAS_EXTRA=bool(penalty > 1), AUTHORS=authors, N_META=_N_META, BLOCK=_BLOCK,
-            num_warps=4,
+            MASKS_ACTIVE=bool(masks_active), HAS_EXTRA=bool(penalty > 1), AUTHORS=authors, ALIGNED=aligned, N_META=_N_META,
+            BLOCK=_BLOCK,
+            num_warps=_WARPS,
         )
 
 

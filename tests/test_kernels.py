@@ -12,7 +12,8 @@ import wid_kernels
 from wid_kernels import reference
 
 BACKENDS = [name for name, reason in wid_kernels.available_backends().items() if reason is None]
-SHAPES = [(5, 7, 3), (37, 13, 19), (130, 33, 17), (1, 1, 1)]  # (tokens, m, k): odd, not block multiples
+# (tokens, m, k): odd, not block multiples; the last applies the compactors to the activations (cost model)
+SHAPES = [(5, 7, 3), (37, 13, 19), (130, 33, 17), (1, 1, 1), (3, 41, 29)]
 TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-10, torch.bfloat16: 6e-2}
 
 
@@ -163,11 +164,35 @@ def test_masked_layer_norm_equals_a_plain_layer_norm_over_the_kept_channels():
     torch.testing.assert_close(y[:, ~keep], (x[:, ~keep] - mean) / std * gamma[~keep] + beta[~keep])
 
 
-def test_torch_backend_folds_only_when_cheaper():
-    from wid_kernels.backends.torch_matmul import should_fold
+def test_one_cost_model_decides_fold_or_apply():
+    from wid_kernels.cost_model import fold_plan, folds_every_compactor, should_fold
 
     assert should_fold(tokens=4096, compactor_size=768, other_size=3072)
     assert not should_fold(tokens=16, compactor_size=768, other_size=768)
+    # a BERT-base step: every encoder linear folds; the decoder at ~2.4k masked positions applies its L
+    assert folds_every_compactor(16384, 3072, 768, True, True)
+    assert fold_plan(2458, 30522, 768, False, True) == (False, False)
+
+
+def test_the_triton_backend_follows_the_cost_model(monkeypatch):
+    import importlib
+
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend not available here")
+    module = importlib.import_module("wid_kernels.backends.triton_ops.compacted_linear")
+    folded = []
+    original = module.fold_into
+    monkeypatch.setattr(module, "fold_into", lambda *a, **k: folded.append(1) or original(*a, **k))
+    generator = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=generator)
+    W, L = make(40, 12), make(12, 12)
+    few, many = make(3, 12), make(64, 12)  # 3 tokens < 40 outputs: applying L is cheaper; 64 tokens: fold
+    device = BACKEND_DEVICE["triton"]
+    run = lambda x: module.compacted_linear(x.to(device), None, W.to(device), L.to(device)).cpu()
+    torch.testing.assert_close(run(few), reference.compacted_linear(few, None, W, L), rtol=1e-4, atol=1e-4)
+    assert folded == []
+    torch.testing.assert_close(run(many), reference.compacted_linear(many, None, W, L), rtol=1e-4, atol=1e-4)
+    assert folded == [1]
 
 
 def test_unknown_backend_is_refused_with_the_choices():

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ._common import kept_indices
 from .fold import _supported, fold_into, gather_gemm
+from .. import torch_matmul
+from ...cost_model import folds_every_compactor
 from ... import reference
 
 __all__ = ["compacted_linear", "compactor_grads"]
@@ -124,7 +126,14 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
-    """Same contract as `reference.compacted_linear`; dQ rows / dL columns outside the kept sets are zero."""
+    """Same contract as `reference.compacted_linear`; dQ rows / dL columns outside the kept sets are zero.
+
+    Fold-first only where the shared cost model (wid_kernels.cost_model) folds every compactor; where applying one
+    to the activations is cheaper (few tokens, e.g. the MLM decoder at the masked positions) the torch backend's
+    plan runs instead."""
     if not _supported(x, Q, W, L, bias):
         return reference.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)
+    m, k = W.shape
+    if not folds_every_compactor(x.numel() // max(k, 1), m, k, Q is not None, L is not None):
+        return torch_matmul.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)
     return _forward(x, Q, W, L, bias, keep_out, keep_in)[0]

@@ -3,10 +3,11 @@
 On a GPU every `.item()`, `nonzero`, `.tolist()` or tensor-to-bool/int/float conversion stops the host until the
 device has caught up, and rules out CUDA graphs. On the CPU nothing waits, so the test counts those calls made
 by wid's and wid_kernels' own code (not the Trainer's, not Triton's interpreter) during WIDTrainer steps that do
-not update masks, on every backend that runs here; on a GPU, `torch.cuda.set_sync_debug_mode("error")` checks
-the same steps directly.
+not update masks, on every backend that runs here; on a GPU, `torch.cuda.set_sync_debug_mode("warn")` also reports
+every sync the device sees, and those raised from our code must be none.
 """
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ class CountBetweenUpdates(TrainerCallback):
             self.counter.active = True
             self.counted_steps += 1
             if self.device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode("warn")
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -104,6 +105,7 @@ class _Tokenizer:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("recipe", ["paper", "short"])
 def test_no_host_sync_between_mask_updates(backend, recipe, tmp_path):
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate (the bare GPU image has none)")
     device = torch.device("cuda" if torch.cuda.is_available() and backend in ("triton", "cuda") else "cpu")
     previous = wid_kernels.get_backend()
     wid_kernels.set_backend(backend)
@@ -122,12 +124,54 @@ def test_no_host_sync_between_mask_updates(backend, recipe, tmp_path):
         counting = CountBetweenUpdates(counter, w_step, device)
         trainer.add_callback(WIDScheduleCallback(trainer, shrink_until=4 * w_step if recipe == "short" else None))
         trainer.add_callback(counting)
-        with counter:
+        with counter, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             trainer.train()
     finally:
         wid_kernels.set_backend(previous)
     assert counting.counted_steps >= 4
     assert counter.calls == [], "\n".join(sorted(set(counter.calls)))
+    assert _our_device_syncs(caught) == []
+
+
+def _our_device_syncs(caught) -> list[str]:
+    """The CUDA sync-debug warnings (GPU only) whose Python caller is wid's or wid_kernels' code."""
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message) and w.filename.startswith(OURS)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync_in_a_plain_training_loop(backend):
+    """The same without the Trainer (forward, backward, WID optimizer step), as a library user writes it."""
+    device = torch.device("cuda" if torch.cuda.is_available() and backend in ("triton", "cuda") else "cpu")
+    previous = wid_kernels.get_backend()
+    wid_kernels.set_backend(backend)
+    try:
+        model = wid.attach(make_teacher(layers=2, heads=3, head_dim=5, intermediate=17, vocab=41, seed=4),
+                           wid.WIDConfig(target_hidden=9, target_intermediate=7, hidden_updates=2, attention_updates=2,
+                                         intermediate_updates=2, mlm_updates=2, compactor_lr=1e-2)).to(device).train()
+        wid.update_masks(model)
+        optimizer = wid.build_optimizer(model)
+        generator = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(5, 41, (4, 13), generator=generator)) for _ in range(5)]
+        counter = SyncCounter()
+        with counter, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step, ids in enumerate(batches):
+                ids = ids.to(device)
+                counter.active = step >= 2  # the first steps after the mask update build the index lists
+                if device.type == "cuda" and counter.active:
+                    torch.cuda.set_sync_debug_mode("warn")
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+                counter.active = False
+    finally:
+        wid_kernels.set_backend(previous)
+    assert counter.calls == [], "\n".join(sorted(set(counter.calls)))
+    assert _our_device_syncs(caught) == []
 
 
 def test_the_counter_sees_a_sync_in_our_code():

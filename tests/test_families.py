@@ -284,3 +284,18 @@ def test_the_compensated_cut_works_on_other_families(case, tmp_path):
     assert summary["compensation"]["applied"] and summary["compensation"]["linears_compensated"] > 0
     assert summary["max_logit_difference_fold"] < 1e-4
     assert main(["verify", str(out / "checkpoints" / "checkpoint-12"), str(out)]) == 0
+
+
+def test_a_teacher_missing_encoder_weights_is_refused_not_trained_from_random(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = write_family_teacher(tmp_path / "teacher", "roberta")
+    weights = load_file(str(teacher / "model.safetensors"))
+    dropped = {k: v for k, v in weights.items() if "layer.1.attention.self.query" not in k}
+    save_file(dropped, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    capsys.readouterr()
+    assert main(["distill", *distill_argv(teacher, corpus, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lack part of the encoder" in err[0] and "layer.1.attention.self.query" in err[0]
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -139,11 +139,18 @@ def load_teacher(name_or_path: str):
         has_head = not any(key.split(".")[0] in head for key in info["missing_keys"])
         if not has_head:
             with quiet_transformers():
-                model = ensure_mlm_head(encoder_model_class(config).from_pretrained(name_or_path))
+                encoder, info = encoder_model_class(config).from_pretrained(name_or_path, output_loading_info=True)
+            model = ensure_mlm_head(encoder)
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own kind
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RunError(f"cannot load the teacher's weights from {name_or_path} ({type(exc).__name__}: {reason}); the weight "
                        "file is missing, truncated or corrupt: re-download the teacher or save it again") from None
+    # the load report is hidden (a head-less encoder is expected to miss the head): encoder gaps are refused here,
+    # never trained from random weights
+    gaps = [key for key in info["missing_keys"] if key.split(".")[0] not in head and "pooler." not in key]
+    if gaps:
+        raise RunError(f"the teacher's weights in {name_or_path} lack part of the encoder ({', '.join(gaps[:3])}, ...); "
+                       "the checkpoint is incomplete or of another architecture: pass a complete model folder")
     return model, tokenizer, has_head
 
 

@@ -57,11 +57,7 @@ LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Te
                 a.cols);
     TORCH_CHECK(keep->device() == x.device(), "masked_layer_norm: keep on another device");
     a.keep = as_bytes(*keep).reshape({a.cols});
-    if (!host_count) {
-      a.inv_count_t = a.keep.sum(acc).clamp_min(1).reciprocal();
-      return a;
-    }
-    kept = a.keep.sum().item<int64_t>();  // a host sync: fine on the CPU
+    if (host_count) kept = a.keep.sum().item<int64_t>();  // a host sync: fine on the CPU
   }
   a.inv_count = 1.0 / static_cast<double>(std::max<int64_t>(kept, 1));
   return a;

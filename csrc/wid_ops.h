@@ -25,10 +25,11 @@ at::Tensor as_bytes(const at::Tensor& keep);
 struct LayerNormArgs {
   at::Tensor x, residual, gamma, beta, keep;  // undefined when absent
   int64_t rows = 0, cols = 0;
-  double inv_count = 1.0;  // 1 / max(#kept, 1), as the reference clamps the count to 1
-  at::Tensor inv_count_t;  // the same as a 1-element device tensor (device kernels: no host sync)
+  double inv_count = 1.0;  // 1 / max(#kept, 1), as the reference clamps the count to 1 (host_count only)
 };
 
+// host_count=false (device kernels): inv_count stays 1/cols and a kernel given `keep` counts the kept
+// channels itself, from the mask bytes it reads anyway (no host sync, no extra launch).
 LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                  const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
                                  const c10::optional<at::Tensor>& keep, bool host_count = true);

@@ -53,15 +53,19 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the total. `scratch`: 32 values.
+// Sum over one row's threads: a block holds blockDim.y rows of blockDim.x threads each (a multiple of
+// 32, so every warp belongs to one row); every thread of the row gets the total. Block-uniform control
+// flow is required (it synchronises the block). `scratch`: one value per warp of the block (<= 32).
 template <typename A>
-__device__ __forceinline__ A block_sum(A v, A* scratch) {
+__device__ __forceinline__ A row_sum(A v, A* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   v = warp_sum(v);
+  if (n_warps == 1) return v;
+  A* mine = scratch + threadIdx.y * n_warps;
   __syncthreads();  // a previous call's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
+  if (lane == 0) mine[warp] = v;
   __syncthreads();
-  return warp_sum(lane < n_warps ? scratch[lane] : A(0));  // every warp reduces the same partials
+  return warp_sum(lane < n_warps ? mine[lane] : A(0));  // every warp of the row reduces the same partials
 }
 
 // 16-byte vectors when the row length and every base address allow it, else scalar accesses.
@@ -74,10 +78,20 @@ int vector_width(int64_t cols, std::initializer_list<const void*> ptrs) {
   return kMax;
 }
 
+constexpr int kRowBlockMax = 512;  // threads of a row block: one row of up to 512, or rows sharing 256
+
 int threads_for(int64_t cols, int vec) {
   const int64_t lanes = (cols + vec - 1) / vec;
   const int64_t rounded = (lanes + kWarp - 1) / kWarp * kWarp;
-  return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(kWarp, rounded)));
+  return static_cast<int>(std::min<int64_t>(kRowBlockMax, std::max<int64_t>(kWarp, rounded)));
+}
+
+// Rows per block: a row gets the threads its vectors need (whole warps, at most 512); narrow rows share
+// a block up to 256 threads, so BERT widths (96 threads for 768 bf16 columns) do not run as 1-3-warp blocks,
+// which would cap occupancy at the 32-blocks-per-SM limit.
+dim3 row_block(int64_t cols, int vec) {
+  const int per_row = threads_for(cols, vec);
+  return dim3(per_row, std::max(1, 256 / per_row));
 }
 
 int sm_count(int device) {
@@ -87,37 +101,43 @@ int sm_count(int device) {
 }
 
 // ---------------------------------------------------------------- masked LayerNorm forward
-// One block per row. The row is read three times (sum, centred squares, output) but only the first
-// read comes from DRAM: a row is a few KB and stays in L1/L2.
+// blockDim.y rows per block, blockDim.x threads per row. The row is read three times (sum, centred
+// squares, output) but only the first read comes from DRAM: a row is a few KB and stays in L1/L2. With a
+// mask, the kept count comes from the mask bytes the first pass reads anyway.
 
 template <typename T, typename A, int V>
-__global__ void mln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const A* __restrict__ gamma,
-                               const A* __restrict__ beta, const uint8_t* __restrict__ keep,
-                               const A* __restrict__ inv_count_dev, A inv_count_host, A eps, T* __restrict__ y,
-                               A* __restrict__ mean_out, A* __restrict__ rstd_out, int64_t cols) {
+__global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
+    mln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const A* __restrict__ gamma,
+                               const A* __restrict__ beta, const uint8_t* __restrict__ keep, A inv_cols, A eps,
+                               T* __restrict__ y, A* __restrict__ mean_out, A* __restrict__ rstd_out, int64_t rows,
+                               int64_t cols) {
   __shared__ A scratch[kWarp];
-  const int64_t row = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t span = row < rows ? cols : 0;  // a missing last row still joins the block's reductions
   const T* xr = x + row * cols;
   const T* rr = r ? r + row * cols : nullptr;
   T* yr = y + row * cols;
-  const A inv_count = inv_count_dev ? *inv_count_dev : inv_count_host;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
 
-  A sum = 0;
-  for (int64_t c = threadIdx.x * V; c < cols; c += stride) {
+  A sum = 0, kept = 0;
+  for (int64_t c = threadIdx.x * V; c < span; c += stride) {
     T xv[V], rv[V];
     load_pack<T, V>(xr, c, xv);
     if (rr) load_pack<T, V>(rr, c, rv);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const A h = static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0));
-      if (!keep || keep[c + k]) sum += h;
+      const bool on = !keep || keep[c + k];
+      sum += on ? h : A(0);
+      kept += on ? A(1) : A(0);
     }
   }
-  const A mean = block_sum(sum, scratch) * inv_count;
+  // 1 / max(#kept, 1), as the reference clamps the count
+  const A inv_count = keep ? A(1) / max(row_sum(kept, scratch), A(1)) : inv_cols;
+  const A mean = row_sum(sum, scratch) * inv_count;
 
   A sq = 0;
-  for (int64_t c = threadIdx.x * V; c < cols; c += stride) {
+  for (int64_t c = threadIdx.x * V; c < span; c += stride) {
     T xv[V], rv[V];
     load_pack<T, V>(xr, c, xv);
     if (rr) load_pack<T, V>(rr, c, rv);
@@ -127,9 +147,9 @@ __global__ void mln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
       if (!keep || keep[c + k]) sq += d * d;
     }
   }
-  const A rstd = A(1) / sqrt(block_sum(sq, scratch) * inv_count + eps);
+  const A rstd = A(1) / sqrt(row_sum(sq, scratch) * inv_count + eps);
 
-  for (int64_t c = threadIdx.x * V; c < cols; c += stride) {
+  for (int64_t c = threadIdx.x * V; c < span; c += stride) {
     T xv[V], rv[V], out[V];
     load_pack<T, V>(xr, c, xv);
     if (rr) load_pack<T, V>(rr, c, rv);
@@ -142,40 +162,54 @@ __global__ void mln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
     }
     store_pack<T, V>(yr, c, out);
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && row < rows) {
     mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
 }
 
 // ---------------------------------------------------------------- masked LayerNorm backward
-// Persistent blocks over rows. dh = rstd·(g − k·(Σg + x̂·Σg·x̂)/c), g = dy·γ. Each thread owns the same
-// columns in every row, so its dγ/dβ partials accumulate without atomics or barriers: in shared
-// memory when 2·cols fit, else in the block's row of the global partial buffer (reduced by torch).
+// Persistent blocks of blockDim.y row slots; slot s of block b is "virtual block" b·blockDim.y + s and owns
+// row partial[that]. dh = rstd·(g − k·(Σg + x̂·Σg·x̂)/c), g = dy·γ. Each thread owns the same columns in
+// every row, so its dγ/dβ partials accumulate without atomics or barriers: in shared memory when the
+// slots' 2·cols fit, else in the slot's row of the global partial buffer (reduced by torch). All slots
+// of a block step through rows together (block-uniform trip count: the reductions synchronise).
 
 template <typename T, typename A, int V>
-__global__ void mln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
-                               const A* __restrict__ gamma, const uint8_t* __restrict__ keep,
-                               const A* __restrict__ inv_count_dev, A inv_count_host, const A* __restrict__ mean,
-                               const A* __restrict__ rstd, T* __restrict__ dh, A* __restrict__ partial, int64_t rows,
-                               int64_t cols, bool shared_acc) {
+__global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
+    mln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
+                               const A* __restrict__ gamma, const uint8_t* __restrict__ keep, A inv_cols,
+                               const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ dh,
+                               A* __restrict__ partial, int64_t rows, int64_t cols, bool shared_acc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ A scratch[kWarp];
-  A* part = partial + static_cast<int64_t>(blockIdx.x) * 2 * cols;
-  A* acc = shared_acc ? reinterpret_cast<A*>(smem_raw) : part;
-  const A inv_count = inv_count_dev ? *inv_count_dev : inv_count_host;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  A* part = partial + slot * 2 * cols;
+  A* acc = shared_acc ? reinterpret_cast<A*>(smem_raw) + static_cast<int64_t>(threadIdx.y) * 2 * cols : part;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
   for (int64_t c = threadIdx.x * V; c < cols; c += stride)
 #pragma unroll
     for (int k = 0; k < V; ++k) acc[c + k] = acc[cols + c + k] = A(0);
 
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  A inv_count = inv_cols;
+  if (keep) {  // the same for every row: count once per launch
+    A kept = 0;
+    for (int64_t c = threadIdx.x * V; c < cols; c += stride)
+#pragma unroll
+      for (int k = 0; k < V; ++k) kept += keep[c + k] ? A(1) : A(0);
+    inv_count = A(1) / max(row_sum(kept, scratch), A(1));
+  }
+
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += rows_per_step) {
+    const int64_t row = base + threadIdx.y;
+    const int64_t span = row < rows ? cols : 0;
     const T* xr = x + row * cols;
     const T* rr = r ? r + row * cols : nullptr;
     const T* dyr = dy + row * cols;
-    const A mu = mean[row], rs = rstd[row];
+    const A mu = span ? mean[row] : A(0), rs = span ? rstd[row] : A(0);
     A sum_g = 0, sum_gx = 0;
-    for (int64_t c = threadIdx.x * V; c < cols; c += stride) {
+    for (int64_t c = threadIdx.x * V; c < span; c += stride) {
       T xv[V], rv[V], dv[V];
       load_pack<T, V>(xr, c, xv);
       load_pack<T, V>(dyr, c, dv);
@@ -191,10 +225,10 @@ __global__ void mln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x
         acc[cols + c + k] += d;
       }
     }
-    sum_g = block_sum(sum_g, scratch) * inv_count;
-    sum_gx = block_sum(sum_gx, scratch) * inv_count;
+    sum_g = row_sum(sum_g, scratch) * inv_count;
+    sum_gx = row_sum(sum_gx, scratch) * inv_count;
     T* dhr = dh + row * cols;
-    for (int64_t c = threadIdx.x * V; c < cols; c += stride) {
+    for (int64_t c = threadIdx.x * V; c < span; c += stride) {
       T xv[V], rv[V], dv[V], out[V];
       load_pack<T, V>(xr, c, xv);
       load_pack<T, V>(dyr, c, dv);
@@ -252,11 +286,12 @@ std::tuple<at::Tensor, at::Tensor> mln_fwd_out_cuda(const at::Tensor& x, const c
     const int vec = vector_width<scalar_t>(a.cols, {xp, rp, yp});
     with_vector_width<16 / sizeof(scalar_t)>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
-      mln_fwd_kernel<scalar_t, A, V><<<static_cast<unsigned>(a.rows), threads_for(a.cols, V), 0, stream>>>(
+      const dim3 block = row_block(a.cols, V);
+      const int64_t blocks = (a.rows + block.y - 1) / block.y;
+      mln_fwd_kernel<scalar_t, A, V><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
           xp, rp, a.gamma.defined() ? a.gamma.data_ptr<A>() : nullptr,
           a.beta.defined() ? a.beta.data_ptr<A>() : nullptr, a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr,
-          a.inv_count_t.defined() ? a.inv_count_t.data_ptr<A>() : nullptr, static_cast<A>(a.inv_count),
-          static_cast<A>(eps), yp, mean.data_ptr<A>(), rstd.data_ptr<A>(), a.cols);
+          static_cast<A>(a.inv_count), static_cast<A>(eps), yp, mean.data_ptr<A>(), rstd.data_ptr<A>(), a.rows, a.cols);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -291,25 +326,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
     at::Tensor zeros = at::zeros({a.cols}, x.options().dtype(acc));
     return {dh, zeros, zeros.clone()};
   }
-  const int blocks = static_cast<int>(std::min<int64_t>(a.rows, 4 * sm_count(x.get_device())));
-  at::Tensor partial = at::empty({blocks, 2, a.cols}, x.options().dtype(acc));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_layer_norm_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = a.x.data_ptr<scalar_t>();
     const scalar_t* rp = a.residual.defined() ? a.residual.data_ptr<scalar_t>() : nullptr;
     const scalar_t* dyp = dy_c.data_ptr<scalar_t>();
     scalar_t* dhp = dh.data_ptr<scalar_t>();
-    const size_t acc_bytes = 2 * static_cast<size_t>(a.cols) * sizeof(A);
-    const bool shared_acc = acc_bytes <= 32 * 1024;
     const int vec = vector_width<scalar_t>(a.cols, {xp, rp, dyp, dhp});
     with_vector_width<16 / sizeof(scalar_t)>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
-      mln_bwd_kernel<scalar_t, A, V><<<blocks, threads_for(a.cols, V), shared_acc ? acc_bytes : 0, stream>>>(
+      const dim3 block = row_block(a.cols, V);
+      const size_t acc_bytes = 2 * static_cast<size_t>(a.cols) * block.y * sizeof(A);
+      const bool shared_acc = acc_bytes <= 32 * 1024;
+      // as many persistent blocks as can be resident at once (registers, shared memory), no more than
+      // the rows need: each extra block costs a row of partials
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, mln_bwd_kernel<scalar_t, A, V>, static_cast<int>(block.x * block.y), shared_acc ? acc_bytes : 0));
+      const int64_t needed = (a.rows + block.y - 1) / block.y;
+      const int blocks = static_cast<int>(
+          std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sm_count(x.get_device())));
+      partial = at::empty({static_cast<int64_t>(blocks) * block.y, 2, a.cols}, x.options().dtype(acc));
+      mln_bwd_kernel<scalar_t, A, V><<<blocks, block, shared_acc ? acc_bytes : 0, stream>>>(
           dyp, xp, rp, a.gamma.defined() ? a.gamma.data_ptr<A>() : nullptr,
-          a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr,
-          a.inv_count_t.defined() ? a.inv_count_t.data_ptr<A>() : nullptr, static_cast<A>(a.inv_count),
-          mean_c.data_ptr<A>(), rstd_c.data_ptr<A>(), dhp, partial.data_ptr<A>(), a.rows, a.cols, shared_acc);
+          a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr, static_cast<A>(a.inv_count), mean_c.data_ptr<A>(),
+          rstd_c.data_ptr<A>(), dhp, partial.data_ptr<A>(), a.rows, a.cols, shared_acc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -318,44 +361,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
 }
 
 // ---------------------------------------------------------------- WID-AdamW, multi-tensor
-// One launch covers up to kMaxTensors tensors / kMaxBlocks chunks of kChunk elements, described in a
-// by-value kernel argument (no host-to-device copy; stays under the 4 KB parameter limit).
+// One launch per dtype and alignment class covers every tensor: a table of per-tensor descriptors and the
+// prefix sums of their chunk counts travels to the device in one asynchronous copy from pinned memory (no
+// host sync, no per-launch tensor limit). Block b finds its tensor by binary search over the prefix sums.
 
-constexpr int kMaxTensors = 16;
-constexpr int kMaxBlocks = 256;
 constexpr int64_t kChunk = 65536;
 constexpr int kAdamThreads = 512;
-enum : uint8_t { kHasKeep = 1, kByRow = 2, kAddParam = 4 };
+enum : int64_t { kHasKeep = 1, kByRow = 2, kAddParam = 4 };
 
-struct AdamwBatch {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  void* m[kMaxTensors];
-  void* v[kMaxTensors];
-  const uint8_t* keep[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t cols[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  int16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+// One tensor's descriptor: int64 words, so that the whole table is one int64 tensor.
+struct AdamwTensor {
+  int64_t p, g, m, v, keep;  // addresses
+  int64_t numel, cols, flags;
 };
-static_assert(sizeof(AdamwBatch) + 128 <= 4096, "kernel parameters must fit in 4 KB");
+constexpr int kWords = sizeof(AdamwTensor) / sizeof(int64_t);
 
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kAdamThreads)
-    adamw_kernel(AdamwBatch b, A lr, A beta1, A beta2, A eps, A decay, A pen_lo, A pen_hi, bool masks_active,
-                 bool has_extra, bool authors_rule) {
-  const int t = b.block_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(b.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t end = b.numel[t] < start + kChunk ? b.numel[t] : start + kChunk;
-  T* __restrict__ p = static_cast<T*>(b.p[t]);
-  const T* __restrict__ gr = static_cast<const T*>(b.g[t]);
-  T* __restrict__ m = static_cast<T*>(b.m[t]);
-  T* __restrict__ v = static_cast<T*>(b.v[t]);
-  const uint8_t flags = b.flags[t];
-  const uint8_t* __restrict__ keep = (flags & kHasKeep) ? b.keep[t] : nullptr;
-  const bool by_row = flags & kByRow, add_param = flags & kAddParam;
-  const int64_t cols = b.cols[t];
+__global__ void __launch_bounds__(kAdamThreads, 2048 / kAdamThreads)
+    adamw_kernel(const AdamwTensor* __restrict__ tensors, const int64_t* __restrict__ chunk_start, int n_tensors,
+                 A lr, A beta1, A beta2, A eps, A decay, A pen_lo, A pen_hi, bool masks_active, bool has_extra,
+                 bool authors_rule) {
+  __shared__ AdamwTensor d;
+  __shared__ int64_t first_chunk;
+  if (threadIdx.x == 0) {  // the last tensor whose first chunk is <= this block
+    int lo = 0, hi = n_tensors - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (chunk_start[mid] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
+    }
+    d = tensors[lo];
+    first_chunk = chunk_start[lo];
+  }
+  __syncthreads();
+  const int64_t start = (static_cast<int64_t>(blockIdx.x) - first_chunk) * kChunk;
+  const int64_t end = d.numel < start + kChunk ? d.numel : start + kChunk;
+  T* __restrict__ p = reinterpret_cast<T*>(d.p);
+  const T* __restrict__ gr = reinterpret_cast<const T*>(d.g);
+  T* __restrict__ m = reinterpret_cast<T*>(d.m);
+  T* __restrict__ v = reinterpret_cast<T*>(d.v);
+  const uint8_t* __restrict__ keep = (d.flags & kHasKeep) ? reinterpret_cast<const uint8_t*>(d.keep) : nullptr;
+  const bool by_row = d.flags & kByRow, add_param = d.flags & kAddParam;
+  const int64_t cols = d.cols;
   const A one_b1 = A(1) - beta1, one_b2 = A(1) - beta2;
   // authors' rule: tensors under the rule get the pre-step injection (their whole first moment decays
   // once more); the additive variant adds the injection to AdamW's own update
@@ -365,7 +411,7 @@ __global__ void __launch_bounds__(kAdamThreads)
   for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < end;
        i += static_cast<int64_t>(blockDim.x) * V) {
     T pv[V], gv[V], mv[V], vv[V];
-    const bool full = i + V <= end;  // V > 1 only for batches whose addresses are 16-byte aligned
+    const bool full = i + V <= end;  // V > 1 only for tensors whose addresses are 16-byte aligned
     if (V > 1 && full) {
       load_pack<T, V>(p, i, pv);
       load_pack<T, V>(gr, i, gv);
@@ -381,7 +427,11 @@ __global__ void __launch_bounds__(kAdamThreads)
         vv[k] = ok ? v[i + k] : T(0);
       }
     }
-    int64_t row = i / cols, col = i - row * cols;
+    int64_t row = 0, col = 0;
+    if (keep) {  // one division per vector, only where a mask needs the position
+      row = i / cols;
+      col = i - row * cols;
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const bool kept = !keep || (by_row ? keep[row] : keep[col]) != 0;
@@ -423,66 +473,54 @@ __global__ void __launch_bounds__(kAdamThreads)
   }
 }
 
+bool all_aligned(const AdamwItem& it) {
+  for (const at::Tensor* t : {&it.p, &it.g, &it.m, &it.v})
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  return true;
+}
+
+// One launch for `items` (one dtype; vector width V: all 16-byte aligned, or 1).
+template <typename T, int V>
+void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
+                  double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int64_t n = static_cast<int64_t>(items.size());
+  TORCH_CHECK(n <= INT32_MAX, "wid_adamw_step: too many tensors");
+  at::Tensor host = at::empty({n * kWords + n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* desc = reinterpret_cast<AdamwTensor*>(host.data_ptr<int64_t>());
+  int64_t* chunk_start = host.data_ptr<int64_t>() + n * kWords;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const AdamwItem& it = *items[i];
+    desc[i] = AdamwTensor{reinterpret_cast<int64_t>(it.p.data_ptr()), reinterpret_cast<int64_t>(it.g.data_ptr()),
+                          reinterpret_cast<int64_t>(it.m.data_ptr()), reinterpret_cast<int64_t>(it.v.data_ptr()),
+                          it.keep.defined() ? reinterpret_cast<int64_t>(it.keep.data_ptr()) : 0,
+                          it.p.numel(), std::max<int64_t>(it.cols, 1),
+                          (it.keep.defined() ? kHasKeep : 0) | (it.by_row ? kByRow : 0) | (it.add_param ? kAddParam : 0)};
+    chunk_start[i] = chunks;
+    chunks += (it.p.numel() + kChunk - 1) / kChunk;
+  }
+  TORCH_CHECK(chunks <= INT32_MAX, "wid_adamw_step: too many elements for one launch");
+  // the caching host allocator records the copy's stream, so the pinned buffer is not reused too early
+  at::Tensor table = host.to(items[0]->p.device(), /*non_blocking=*/true);
+  const int64_t* words = table.data_ptr<int64_t>();
+  adamw_kernel<T, A, V><<<static_cast<unsigned>(chunks), kAdamThreads, 0, stream>>>(
+      reinterpret_cast<const AdamwTensor*>(words), words + n * kWords, static_cast<int>(n), static_cast<A>(lr),
+      static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps), static_cast<A>(decay),
+      static_cast<A>(std::min(penalty, 1.0)), static_cast<A>(penalty - 1.0), masks_active, penalty > 1.0, authors_rule);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// At most two launches per dtype: the 16-byte-aligned tensors with vector accesses, the rest scalar.
 template <typename T>
 void adamw_launch_all(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
                       double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
-  using A = at::opmath_type<T>;
-  constexpr int kVec = 16 / sizeof(T);
-  bool aligned = true;
-  for (const AdamwItem* it : items)
-    for (const at::Tensor* t : {&it->p, &it->g, &it->m, &it->v})
-      aligned = aligned && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
-  auto launch = [&](const AdamwBatch& batch, int n_blocks) {
-    with_vector_width<kVec>(aligned ? kVec : 1, [&](auto vec) {
-      constexpr int V = decltype(vec)::value;
-      adamw_kernel<T, A, V><<<n_blocks, kAdamThreads, 0, stream>>>(
-          batch, static_cast<A>(lr), static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps),
-          static_cast<A>(decay), static_cast<A>(std::min(penalty, 1.0)), static_cast<A>(penalty - 1.0), masks_active,
-          penalty > 1.0, authors_rule);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  };
-  AdamwBatch batch{};
-  int slot = 0, n_blocks = 0;
-  for (size_t ti = 0; ti < items.size(); ++ti) {
-    const AdamwItem& it = *items[ti];
-    batch.p[slot] = it.p.data_ptr();
-    batch.g[slot] = it.g.data_ptr();
-    batch.m[slot] = it.m.data_ptr();
-    batch.v[slot] = it.v.data_ptr();
-    batch.keep[slot] = it.keep.defined() ? it.keep.data_ptr<uint8_t>() : nullptr;
-    batch.numel[slot] = it.p.numel();
-    batch.cols[slot] = std::max<int64_t>(it.cols, 1);
-    batch.flags[slot] = (it.keep.defined() ? kHasKeep : 0) | (it.by_row ? kByRow : 0) | (it.add_param ? kAddParam : 0);
-    const int64_t chunks = (it.p.numel() + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks <= INT32_MAX, "wid_adamw_step: tensor too large");
-    for (int64_t c = 0; c < chunks; ++c) {
-      batch.block_tensor[n_blocks] = static_cast<int16_t>(slot);
-      batch.block_chunk[n_blocks] = static_cast<int32_t>(c);
-      ++n_blocks;
-      const bool last_chunk = c == chunks - 1;
-      const bool last_tensor = last_chunk && ti == items.size() - 1;
-      const bool slots_full = last_chunk && slot == kMaxTensors - 1;
-      if (n_blocks == kMaxBlocks || slots_full || last_tensor) {
-        launch(batch, n_blocks);
-        n_blocks = 0;
-        if (!last_chunk) {  // the tensor continues in the next launch, from slot 0
-          batch.p[0] = batch.p[slot];
-          batch.g[0] = batch.g[slot];
-          batch.m[0] = batch.m[slot];
-          batch.v[0] = batch.v[slot];
-          batch.keep[0] = batch.keep[slot];
-          batch.numel[0] = batch.numel[slot];
-          batch.cols[0] = batch.cols[slot];
-          batch.flags[0] = batch.flags[slot];
-          slot = 0;
-        } else {
-          slot = -1;  // the next tensor starts at slot 0
-        }
-      }
-    }
-    ++slot;
-  }
+  std::vector<const AdamwItem*> vectorised, scalar;
+  for (const AdamwItem* it : items) (all_aligned(*it) ? vectorised : scalar).push_back(it);
+  if (!vectorised.empty())
+    adamw_launch<T, 16 / sizeof(T)>(vectorised, lr, beta1, beta2, eps, decay, penalty, masks_active, authors_rule, stream);
+  if (!scalar.empty())
+    adamw_launch<T, 1>(scalar, lr, beta1, beta2, eps, decay, penalty, masks_active, authors_rule, stream);
 }
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -501,6 +539,11 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   const double decay = weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "wid_adamw_step (CUDA): its per-step descriptor copy cannot be captured in a CUDA graph; keep the "
+              "optimizer step outside the graph");
   for (const auto& entry : by_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, entry.first, "wid_adamw_step_cuda", [&] {
       adamw_launch_all<scalar_t>(entry.second, lr, beta1, beta2, eps, decay, penalty, masks_active, authors_rule, stream);

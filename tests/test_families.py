@@ -299,3 +299,31 @@ def test_a_teacher_missing_encoder_weights_is_refused_not_trained_from_random(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lack part of the encoder" in err[0] and "layer.1.attention.self.query" in err[0]
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_residual_adds_are_fused_into_the_masked_layer_norm_where_the_family_has_output_blocks(case, monkeypatch):
+    """BERT-style output blocks hand the residual to the LayerNorm kernel (one pass over the activations fewer);
+    with masks active and compactors perturbed the result is the unfused LayerNorm(dense(h) + residual)."""
+    from wid.compactors import ResidualNormBlock
+
+    teacher = family_teacher(case, vocab_size=97, seed=2)
+    model = _perturbed(wid.attach(teacher, wid.WIDConfig(target_hidden=6, target_intermediate=9)))
+    wid.prune(model)
+    model.eval()
+    layers = wid.architecture.encoder_layers(model)
+    fused = [module for layer in layers for module in layer.modules() if isinstance(module, ResidualNormBlock)]
+    assert len(fused) == (0 if case == "distilbert" else 2 * len(layers))
+    calls = []
+    real = wid.compactors.wid_kernels.masked_layer_norm
+    monkeypatch.setattr(wid.compactors.wid_kernels, "masked_layer_norm", lambda x, r, *a: calls.append(r is not None) or real(x, r, *a))
+    inputs = _fixed_inputs(model, 97)
+    with torch.no_grad():
+        model(**inputs)
+    assert sum(calls) == len(fused)
+    for block in fused:
+        residual = torch.randn(2, 5, block.dense.out_features)
+        h = torch.randn(2, 5, block.dense.in_features)
+        with torch.no_grad():
+            unfused = block.LayerNorm(block.dense(h) + residual)
+            torch.testing.assert_close(block(h, residual), unfused, rtol=0, atol=1e-5)

@@ -53,6 +53,9 @@ class EncoderFamily:
     token_types: bool = True  # the model takes token_type_ids
     padding_offset_positions: bool = False  # positions start after padding_idx (RoBERTa): fewer usable positions
     embedding_projection: str | None = None  # in the base model: the linear from embedding_size to hidden_size
+    # in a layer: blocks computing LayerNorm(dropout(dense(h)) + residual) with children dense, dropout,
+    # LayerNorm and forward(hidden_states, input_tensor): their residual add can be fused into the norm
+    residual_blocks: tuple[str, ...] = ("attention.output", "output")
 
     def layer_paths(self) -> dict[str, str]:
         """Role → path in a layer of the six linears and two LayerNorms, in the order a layer runs them."""
@@ -77,6 +80,7 @@ DISTILBERT = EncoderFamily(
     ffn_down="ffn.lin2", ffn_norm="output_layer_norm", head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
     head_dense="vocab_transform", head_activation="activation", head_norm="vocab_layer_norm", decoder="vocab_projector",
     decoder_bias_alias=None, intermediate_size="hidden_dim", activation="activation", token_types=False,
+    residual_blocks=(),  # the residual adds sit in TransformerBlock.forward, with the attention and the FFN
 )
 FAMILIES = (BERT, ROBERTA, ELECTRA, DISTILBERT)
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)

@@ -274,3 +274,20 @@ def test_heldout_loss_is_the_cross_entropy_at_the_masked_positions():
         total += float(torch.nn.functional.cross_entropy(logits[masked], batch["labels"][masked], reduction="sum"))
         count += int(masked.sum())
     assert count > 0 and loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_run_under_torch_compile_trains_what_the_eager_run_trains(files, tmp_path):
+    """`wid distill --torch_compile true` (Hugging Face's option; on a GPU with `--torch_compile_mode
+    reduce-overhead` for CUDA graphs) really compiles the WID model and ends at the eager run's weights."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], eager)))
+    counters.clear()
+    run_distillation(*_parse(distill_argv(files["teacher"], files["corpus"], compiled, "--torch_compile", "true",
+                                          "--torch_compile_backend", "aot_eager")))
+    assert counters["stats"]["unique_graphs"] >= 1
+    a, b = _state(eager / "checkpoints" / "checkpoint-12"), _state(compiled / "checkpoints" / "checkpoint-12")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "wid_ops.h"
 
@@ -55,7 +57,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 
 // Sum over one row's threads: a block holds blockDim.y rows of blockDim.x threads each (a multiple of
 // 32, so every warp belongs to one row); every thread of the row gets the total. Block-uniform control
-// flow is required (it synchronises the block). `scratch`: one value per warp of the block (<= 32).
+// flow is required (it synchronises the block). `scratch`: one value per warp of the block (<= 16).
 template <typename A>
 __device__ __forceinline__ A row_sum(A v, A* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
@@ -345,9 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           &per_sm, mln_bwd_kernel<scalar_t, A, V>, static_cast<int>(block.x * block.y), shared_acc ? acc_bytes : 0));
+      // ... and at least ~16 rows per slot once the GPU is full, so the partials stay small next to dy and x
+      const int sms = sm_count(x.get_device());
       const int64_t needed = (a.rows + block.y - 1) / block.y;
+      const int64_t worth = std::max<int64_t>(sms, (a.rows + 16 * block.y - 1) / (16 * block.y));
       const int blocks = static_cast<int>(
-          std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sm_count(x.get_device())));
+          std::min<int64_t>({needed, worth, static_cast<int64_t>(std::max(per_sm, 1)) * sms}));
       partial = at::empty({static_cast<int64_t>(blocks) * block.y, 2, a.cols}, x.options().dtype(acc));
       mln_bwd_kernel<scalar_t, A, V><<<blocks, block, shared_acc ? acc_bytes : 0, stream>>>(
           dyp, xp, rp, a.gamma.defined() ? a.gamma.data_ptr<A>() : nullptr,
@@ -362,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
 
 // ---------------------------------------------------------------- WID-AdamW, multi-tensor
 // One launch per dtype and alignment class covers every tensor: a table of per-tensor descriptors and the
-// prefix sums of their chunk counts travels to the device in one asynchronous copy from pinned memory (no
-// host sync, no per-launch tensor limit). Block b finds its tensor by binary search over the prefix sums.
+// prefix sums of their chunk counts lives on the device (uploaded once per set of addresses, asynchronously
+// from pinned memory: no host sync, no per-launch tensor limit). Block b finds its tensor by binary search.
 
 constexpr int64_t kChunk = 65536;
 constexpr int kAdamThreads = 512;
@@ -386,7 +391,7 @@ __global__ void __launch_bounds__(kAdamThreads, 2048 / kAdamThreads)
   if (threadIdx.x == 0) {  // the last tensor whose first chunk is <= this block
     int lo = 0, hi = n_tensors - 1;
     while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
+      const int mid = lo + (hi - lo + 1) / 2;
       if (chunk_start[mid] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
     }
     d = tensors[lo];
@@ -479,16 +484,83 @@ bool all_aligned(const AdamwItem& it) {
   return true;
 }
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Device copies of descriptor tables, found by content (and device and stream): in steady training the
+// tensors keep their addresses, so a step uploads nothing. A table used while a CUDA graph is captured stays
+// for the life of the process (every replay reads it); the others are evicted least recently used first.
+class DescriptorTables {
+ public:
+  const int64_t* get(const std::vector<int64_t>& words, at::Device device, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool in_capture = capturing(stream);
+    ++clock_;
+    for (Entry& e : entries_) {
+      if (e.device == device && e.stream == stream && e.words == words) {
+        e.last_use = clock_;
+        e.kept_for_graph = e.kept_for_graph || in_capture;
+        return e.table.data_ptr<int64_t>();
+      }
+    }
+    TORCH_CHECK(!in_capture,
+                "wid_adamw_step (CUDA): these tensors were not stepped before the CUDA graph capture; run one "
+                "optimizer step eagerly first (the usual warm-up), then capture");
+    at::Tensor host = at::empty({static_cast<int64_t>(words.size())},
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
+    // the caching host allocator records the copy's stream: the pinned buffer is not reused too early
+    Entry e{words, host.to(device, /*non_blocking=*/true), device, stream, clock_, false};
+    evict_one_if_full();
+    entries_.push_back(std::move(e));
+    return entries_.back().table.data_ptr<int64_t>();
+  }
+
+ private:
+  struct Entry {
+    std::vector<int64_t> words;
+    at::Tensor table;  // freed on this entry's stream: stream-ordered reuse by the caching allocator
+    at::Device device;
+    cudaStream_t stream;
+    uint64_t last_use;
+    bool kept_for_graph;
+  };
+  static constexpr size_t kEvictable = 16;
+
+  void evict_one_if_full() {
+    size_t evictable = 0;
+    auto oldest = entries_.end();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->kept_for_graph) continue;
+      ++evictable;
+      if (oldest == entries_.end() || it->last_use < oldest->last_use) oldest = it;
+    }
+    if (evictable >= kEvictable) entries_.erase(oldest);
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
+DescriptorTables& descriptor_tables() {
+  static DescriptorTables* tables = new DescriptorTables();  // never destroyed: no CUDA calls at exit
+  return *tables;
+}
+
 // One launch for `items` (one dtype; vector width V: all 16-byte aligned, or 1).
 template <typename T, int V>
 void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
                   double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   const int64_t n = static_cast<int64_t>(items.size());
-  TORCH_CHECK(n <= INT32_MAX, "wid_adamw_step: too many tensors");
-  at::Tensor host = at::empty({n * kWords + n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* desc = reinterpret_cast<AdamwTensor*>(host.data_ptr<int64_t>());
-  int64_t* chunk_start = host.data_ptr<int64_t>() + n * kWords;
+  TORCH_CHECK(n < INT32_MAX, "wid_adamw_step: too many tensors");
+  std::vector<int64_t> words(n * kWords + n);
+  auto* desc = reinterpret_cast<AdamwTensor*>(words.data());
+  int64_t* chunk_start = words.data() + n * kWords;
   int64_t chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
     const AdamwItem& it = *items[i];
@@ -501,11 +573,9 @@ void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double 
     chunks += (it.p.numel() + kChunk - 1) / kChunk;
   }
   TORCH_CHECK(chunks <= INT32_MAX, "wid_adamw_step: too many elements for one launch");
-  // the caching host allocator records the copy's stream, so the pinned buffer is not reused too early
-  at::Tensor table = host.to(items[0]->p.device(), /*non_blocking=*/true);
-  const int64_t* words = table.data_ptr<int64_t>();
+  const int64_t* table = descriptor_tables().get(words, items[0]->p.device(), stream);
   adamw_kernel<T, A, V><<<static_cast<unsigned>(chunks), kAdamThreads, 0, stream>>>(
-      reinterpret_cast<const AdamwTensor*>(words), words + n * kWords, static_cast<int>(n), static_cast<A>(lr),
+      reinterpret_cast<const AdamwTensor*>(table), table + n * kWords, static_cast<int>(n), static_cast<A>(lr),
       static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps), static_cast<A>(decay),
       static_cast<A>(std::min(penalty, 1.0)), static_cast<A>(penalty - 1.0), masks_active, penalty > 1.0, authors_rule);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -539,11 +609,6 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   const double decay = weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-              "wid_adamw_step (CUDA): its per-step descriptor copy cannot be captured in a CUDA graph; keep the "
-              "optimizer step outside the graph");
   for (const auto& entry : by_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, entry.first, "wid_adamw_step_cuda", [&] {
       adamw_launch_all<scalar_t>(entry.second, lr, beta1, beta2, eps, decay, penalty, masks_active, authors_rule, stream);

@@ -343,10 +343,41 @@ def test_gpu_wid_adamw_matches_reference(dtype, masks_active, penalty, is_compac
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_wid_adamw_many_and_large_tensors():
-    """More tensors than one launch takes (16), tensors spanning several 64k chunks and launches (256
-    chunks), odd sizes (vector tails), and one misaligned tensor (the scalar path)."""
+    """Many tensors in one launch, tensors spanning several 64k chunks (the blocks' binary search), odd sizes
+    (vector tails), and one misaligned tensor (its own launch, the scalar path)."""
     sizes = [(3, 5), (700, 300), (11,), (1, 1)] * 5 + [(4100, 4100)]
     state = _adamw_case(torch.float32, "cuda", seed=1, sizes=sizes)
     params = state[0]
     params[1] = torch.cat([params[1].new_zeros(1), params[1].flatten()])[1:].view(700, 300)
     _check_adamw(torch.float32, "cuda", 20.0, True, True, steps=2, state=state)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_wid_adamw_replays_in_a_cuda_graph_after_a_warm_up_step():
+    """The descriptor table is uploaded once per set of addresses: after one eager step the step captures
+    into a CUDA graph (the table outlives it) and each replay is one more step; without the warm-up the
+    capture is refused in one line that says what to do."""
+    params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32, "cuda", seed=3, sizes=[(37, 70000), (5, 3)])
+    compactor = [True, True]
+    args = lambda: (params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
+                    HYPER["eps"], HYPER["weight_decay"], 20.0, True, "authors")
+    expected = tuple([t.detach().cpu().clone() for t in ts] for ts in (params, avgs, sqs))
+    cpu_grads, cpu_keeps = [g.cpu() for g in grads], [None if k is None else k.cpu() for k in keeps]
+    fresh = [torch.zeros(4, 4, device="cuda") for _ in range(4)]
+    with pytest.raises(RuntimeError, match="run one optimizer step eagerly first"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            cuda_ext.wid_adamw_multi_tensor([fresh[0]], [fresh[1]], [fresh[2]], [fresh[3]], [None], [0], [False], 1e-2,
+                                            0.9, 0.999, 1e-6, 0.0, 1.0, False, "authors")
+    cuda_ext.wid_adamw_multi_tensor(*args())  # warm-up, eager
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_ext.wid_adamw_multi_tensor(*args())  # captured, not run
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        expected = _reference_step((expected[0], cpu_grads, expected[1], expected[2]), cpu_keeps, axes, compactor, 20.0, True)
+    for got_list, expected_list in zip((params, avgs, sqs), expected):
+        for got, exp in zip(got_list, expected_list):
+            _close(got.cpu(), exp, torch.float32, "after replays", 1e-5)

@@ -12,9 +12,13 @@ plus `variant` (the launch settings) and `source` (triton or cuda).
 
 Triton kernels are lowered here, without a GPU, for the target architecture with the constexprs and launch
 settings their launchers choose for the shapes WID produces (BERT-base: hidden 768, FFN 3072; the built-in
-teacher: 384, 1536; vocabulary 30522), then assembled with Triton's ptxas and read back with cuobjdump. The
-CUDA extension's kernels are read from the extension's cubin for that architecture (when it was built with
-CUDA). This is how the kernels' resource use and tensor-core use are checked on a machine without a GPU.
+teacher: 384, 1536; vocabulary 30522). The index-list GEMM gets the tile and split-K `fold.choose_config` picks at
+132 SMs (the heuristic a GPU's autotuning starts from) and is specialized as a launch specializes it: strides of 1
+are constants, pointers, the other strides and the multiples of 16 among M, N, K are marked 16-divisible (without
+that, half-precision loads are scalar and the K loop is not pipelined). They are assembled with Triton's ptxas
+and read back with cuobjdump. The CUDA extension's kernels are read from the extension's cubin for that
+architecture (when it was built with CUDA). This is how the kernels' resource use and tensor-core use are
+checked on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -78,24 +82,49 @@ def _resources(cubin_file: str, arch: int) -> dict:
     return found
 
 
-def _gemm_variants(fold_module):
-    """(op, variant, config, constexprs) of the index-list GEMM as the fold and compacted_linear's backward launch it."""
-    sizes = {(m, n) for hidden, ffn in SHAPES.values() for m, n in
-             ((hidden, hidden), (ffn, hidden), (hidden, ffn), (VOCAB, hidden), (hidden, VOCAB))}
-    configs = sorted({fold_module._config(m, n) for m, n in sizes})
-    uses = [
-        ("fold", "Q[rows]·W with the bias fold", dict(GATHER_M=True, SCATTER_M=False, GATHER_N=False, SCATTER_N=False,
-                                                      HAS_BIAS=True, HAS_RANK1=False)),
-        ("fold", "(Q·W)·L[:, cols]", dict(GATHER_M=False, SCATTER_M=False, GATHER_N=True, SCATTER_N=False, HAS_BIAS=False,
-                                          HAS_RANK1=False)),
-        ("compacted_linear", "dQ rows scattered (+ the bias rank-1 term)", dict(GATHER_M=True, SCATTER_M=True, GATHER_N=False,
-                                                                                SCATTER_N=False, HAS_BIAS=False, HAS_RANK1=True)),
-        ("compacted_linear", "dL columns scattered", dict(GATHER_M=False, SCATTER_M=False, GATHER_N=True, SCATTER_N=True,
-                                                          HAS_BIAS=False, HAS_RANK1=False)),
-    ]
-    for op, what, flags in uses:
-        for config in configs:
-            yield op, what, config, flags
+# The index-list GEMM as the fold and compacted_linear's backward launch it: (op, what, flags, the strides that are 1
+# (Triton specializes those at launch), which linears it runs for (needs Q / needs L), its (M, N, K) for a linear
+# W (m×k) with compactors Q (m×m), L (k×k), unpruned: pruning shrinks M or N to the kept counts).
+GEMM_USES = (
+    ("fold", "Q[rows]·W with the bias fold", dict(GATHER_M=True, SCATTER_M=False, GATHER_N=False, SCATTER_N=False,
+                                                  HAS_BIAS=True, HAS_RANK1=False),
+     ("s_ak", "s_bn", "s_cn"), "Q", lambda m, k: (m, k, m)),
+    ("fold", "(Q·W)·L[:, cols]", dict(GATHER_M=False, SCATTER_M=False, GATHER_N=True, SCATTER_N=False, HAS_BIAS=False,
+                                      HAS_RANK1=False),
+     ("s_ak", "s_bn", "s_cn"), "L", lambda m, k: (m, k, k)),
+    ("compacted_linear", "dQ rows scattered (+ the bias rank-1 term)", dict(GATHER_M=True, SCATTER_M=True, GATHER_N=False,
+                                                                            SCATTER_N=False, HAS_BIAS=False, HAS_RANK1=True),
+     ("s_ak", "s_bk", "s_cn"), "Q", lambda m, k: (m, m, k)),  # dW_eff·(W·L)ᵀ
+    ("compacted_linear", "dL columns scattered", dict(GATHER_M=False, SCATTER_M=False, GATHER_N=True, SCATTER_N=True,
+                                                      HAS_BIAS=False, HAS_RANK1=False),
+     ("s_am", "s_bn", "s_cn"), "L", lambda m, k: (k, k, m)),  # (Q·W)ᵀ·dW_eff
+)
+
+
+def teacher_linears(hidden: int, ffn: int, vocab: int = VOCAB):
+    """(m, k, compactors) of a teacher's linears: attention/head (hidden²), FFN up and down with Q and L; the decoder
+    (vocab × hidden) with L only."""
+    return [(hidden, hidden, "QL"), (ffn, hidden, "QL"), (hidden, ffn, "QL"), (vocab, hidden, "L")]
+
+
+def _gemm_variants(fold_module, elem_bytes: int):
+    """(op, what, flags, unit strides, config, divisible, shapes): per use of the GEMM, each launch configuration the
+    launcher's heuristic picks (fold.choose_config at 132 SMs) for WID's shapes, its shapes grouped by which of M, N, K
+    are multiples of 16 (Triton specializes that at launch too: the masks' and loads' vector width depend on it)."""
+    for op, what, flags, unit, needs, shape_of in GEMM_USES:
+        served = {}
+        for hidden, ffn in SHAPES.values():
+            for m, k, compactors in teacher_linears(hidden, ffn):
+                if needs in compactors:
+                    M, N, K = shape_of(m, k)
+                    config = fold_module.choose_config(M, N, K, elem_bytes, fold_module.SMS_ASSUMED, interpret=False)
+                    served.setdefault(config, set()).add((M, N, K))
+        for config, shapes in sorted(served.items()):
+            groups = {}
+            for shape in shapes:
+                groups.setdefault(tuple(x % 16 == 0 for x in shape), []).append(shape)
+            for divisible, group in sorted(groups.items()):
+                yield op, what, flags, unit, config, divisible, sorted(group)
 
 
 def _triton_variants(arch: int):
@@ -110,16 +139,27 @@ def _triton_variants(arch: int):
     fold, norm, adamw = modules["fold"], modules["masked_layer_norm"], modules["wid_adamw_multi_tensor"]
     for dtype in DTYPES:
         p = "*" + dtype
-        gemm = dict(A=p, B=p, C=p, IDX_M="*i32", IDX_N="*i32", BIAS_IN=p, BIAS_OUT=p, U=p, V=p, M="i32", N="i32", K="i32",
-                    s_am="i32", s_ak="i32", s_bk="i32", s_bn="i32", s_cm="i32", s_cn="i32", scale=f32, bias_scale=f32)
+        gemm = dict(A=p, B=p, C=p, IDX_M="*i32", IDX_N="*i32", BIAS_IN=p, BIAS_OUT=p, U=p, V=p, WS="*fp32", BWS="*fp32",
+                    M="i32", N="i32", K="i32", s_am="i32", s_ak="i32", s_bk="i32", s_bn="i32", s_cm="i32", s_cn="i32",
+                    scale=f32, bias_scale=f32, n_sum="i32")
         precision = common.dot_precision(torch_dtype[dtype])  # fp32: TF32 only where torch's matmul setting allows it
-        for op, what, (bm, bn, bk, group, warps, stages), flags in _gemm_variants(fold):
-            yield dict(op=op, dtype=dtype, kernel=fold._gather_gemm_kernel, signature=gemm,
-                       constexprs=dict(flags, COMPUTE=tl_dtype[dtype], PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
-                                       BLOCK_K=bk, GROUP_M=group),
-                       options=dict(num_warps=warps, num_stages=stages),
-                       variant=f"{what}; tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages"
-                               + (f", fp32 dot precision {precision}" if dtype == "fp32" else ""))
+        elem_bytes = torch_dtype[dtype].itemsize
+        for op, what, flags, unit, config, divisible, shapes in _gemm_variants(fold, elem_bytes):
+            meta = config.meta()
+            options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            split = (f"; split-K: {config.split_k} partial programs per tile into the fp32 workspace, then the same binary"
+                     " sums them (no K steps) and runs the epilogue" if config.split_k > 1 else "")
+            # as a launch specializes it: unit strides are constants; torch's allocations, the other strides and the
+            # multiples of 16 among M, N, K are known to be 16-divisible
+            aligned = [name for name, kind in gemm.items() if kind.startswith("*")]
+            aligned += [name for name in ("s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn") if name not in unit]
+            aligned += [name for name, ok in zip("MNK", divisible) if ok]
+            yield dict(op=op, dtype=dtype, kernel=fold._gather_gemm_kernel,
+                       signature={name: kind for name, kind in gemm.items() if name not in unit}, divisible_by_16=aligned,
+                       constexprs=dict(flags, COMPUTE=tl_dtype[dtype], PRECISION=precision, **meta, **dict.fromkeys(unit, 1)),
+                       options=options,
+                       variant=f"{what}; {config}" + (f", fp32 dot precision {precision}" if dtype == "fp32" else "")
+                               + f"{split}; for M x N x K = {', '.join('x'.join(map(str, shape)) for shape in shapes)}")
         for hidden in sorted({h for h, _ in SHAPES.values()}):
             block_m, block_n, warps = norm._blocks(hidden)
             io = dict(X=p, R=p, GAMMA="*fp32", BETA="*fp32", KEEP="*u8", MEAN="*fp32", RSTD="*fp32", n_rows="i32",
@@ -152,7 +192,8 @@ def triton_report(arch: int) -> list[dict]:
         for index, spec in enumerate(_triton_variants(arch)):
             kernel = spec["kernel"]
             signature = {name: spec["signature"].get(name, "constexpr") for name in kernel.arg_names}
-            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=spec["constexprs"])
+            attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.get("divisible_by_16", ())}
+            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec["options"])
             cubin = Path(tmp) / f"{index}.cubin"
             cubin.write_bytes(compiled.asm["cubin"])

@@ -106,7 +106,7 @@ step "wid info" 60 "$OUT/info.txt" "$PY" -m wid.cli info
 # 3. The kernel tests: compiled on the GPU (tests/test_gpu_compiled.py proves it), interpreted in the rehearsal.
 step "kernel tests" 240 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --junitxml="$OUT/tests.xml" \
     tests/test_gpu_compiled.py tests/test_dispatch.py tests/test_kernels.py tests/test_triton.py tests/test_cuda_ext.py \
-    tests/test_optim.py tests/test_backends_training.py tests/test_host_syncs.py
+    tests/test_optim.py tests/test_backends_training.py tests/test_host_syncs.py tests/test_triton_gemm_configs.py
 note "tests: $(tail -n1 "$OUT/tests.log")"
 
 # 4. The benchmark report: the GPU section of benchmarks/RESULTS.md (the rehearsal checks the pipeline on tiny sizes).

@@ -18,6 +18,8 @@ if not torch.cuda.is_available():  # tests/conftest.py sets it too; this keeps t
 
 import pytest
 
+from poisoned_allocations import poison_allocations  # noqa: E402
+
 pytest.importorskip("triton")
 
 import wid_kernels  # noqa: E402
@@ -57,29 +59,11 @@ def _close(got, expected, tol, what):
     assert error <= tol, f"{what}: relative error {error:.3g} > {tol}"
 
 
-class _PoisoningTorch:
-    """Stands in for `torch` inside the launcher modules: empty/empty_like return NaN-filled floats."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *args, **kwargs):
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
     """Every float tensor the launchers allocate (outputs, statistics, partial sums, intermediates)
     starts as NaN, so an element a kernel does not write shows up."""
-    for module in (mln_mod, adamw_mod, fold_mod, linear_mod):
-        monkeypatch.setattr(module, "torch", _PoisoningTorch())
+    poison_allocations(monkeypatch, (mln_mod, adamw_mod, fold_mod, linear_mod))
 
 
 def _rand(generator, *shape, dtype, scale=1.0, shift=0.0):

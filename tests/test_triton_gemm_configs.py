@@ -16,6 +16,8 @@ if not torch.cuda.is_available():  # tests/conftest.py sets it too; this keeps t
 
 import pytest
 
+from poisoned_allocations import poison_allocations  # noqa: E402
+
 pytest.importorskip("triton")
 
 from wid_kernels import reference  # noqa: E402
@@ -37,27 +39,9 @@ CONFIGS = {  # forced configs: split-K with edge tiles, uneven and grouped tiles
 }
 
 
-class _PoisoningTorch:
-    """Stands in for `torch` inside the launcher modules: empty/empty_like return NaN-filled floats."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *args, **kwargs):
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
-    for module in (fold_mod, linear_mod):
-        monkeypatch.setattr(module, "torch", _PoisoningTorch())
+    poison_allocations(monkeypatch, (fold_mod, linear_mod))
 
 
 def _rand(generator, *shape, dtype=torch.float32):

@@ -310,11 +310,11 @@ def gather_gemm(a, b, *, out=None, rows=None, cols=None, scatter_rows=False, sca
                   M=M, N=N, K=K, s_am=a.stride(0), s_ak=a.stride(1), s_bk=b.stride(0), s_bn=b.stride(1),
                   s_cm=out.stride(0), s_cn=out.stride(1), scale=float(scale), bias_scale=float(bias_scale), n_sum=0,
                   COMPUTE=TL_DTYPE[compute], PRECISION=dot_precision(compute), **flags)
-    if config is None and AUTOTUNE and not (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if config is None and AUTOTUNE:
         bucket = tuple(triton.next_power_of_2(x) for x in (M, N, K))
         key = (a.device, bucket, a.dtype, b.dtype, out.dtype, a.stride(1) == 1, b.stride(1) == 1, *flags.values())
-        config = _tuned.get(key)
-        if config is None:
+        config = _tuned.get(key)  # a CUDA graph captured after warm-up steps replays the tuned choice
+        if config is None and not (a.is_cuda and torch.cuda.is_current_stream_capturing()):  # timing syncs
             _tuned[key] = _autotune(params, _candidates(M, N, K, compute.itemsize, sm_count(a.device)))
             return out
     if config is None:

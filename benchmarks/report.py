@@ -4,6 +4,7 @@
     python benchmarks/report.py --gpu           # BERT-base-sized suites on the GPU -> GPU section of benchmarks/RESULTS.md
     python benchmarks/report.py --json FILE     # tables from an earlier run's pytest-benchmark JSON
     python benchmarks/report.py --cpu --quick   # tiny sizes: checks the pipeline end to end, prints only
+    python benchmarks/report.py --gpu --time-budget 300   # what fits in 5 minutes, the most decisive first
     python benchmarks/report.py --cpu -- -k step   # anything after `--` goes to pytest
 
 Ratios only ever divide times from one JSON, i.e. one pytest session: numbers from different runs
@@ -39,6 +40,11 @@ OP_TABLES = (
     ("wid_adamw", "step", "bytes"),
 )
 TARGET = dict(model="6x384", tokens=4096, speedup=2.0)  # the CPU target: best backend ≥ 2× the reference
+# The GPU targets (DESIGN.md, issue 16), BERT-base step at 128 × 128 tokens in bf16: the fastest WID backend
+# ≥ 3× the unfused reference, ≤ 1.3× a plain BERT step's time, ≤ 0.6× the reference's peak memory; the fold
+# ≥ 70 % of the bf16 GEMM rate measured in the same run; LayerNorm and optimizer ≥ 80 % of the copy bandwidth.
+GPU_TARGET = dict(model="12x768", tokens=16384, dtype="bf16", speedup=3.0, of_plain=1.3, memory_of_reference=0.6,
+                  fold_of_gemm=0.70, of_copy=0.80)
 TITLE = """# WID benchmark results
 
 Written by `benchmarks/report.py`; one section per device kind, each from one pytest session (its
@@ -60,6 +66,9 @@ def run_suites(device: str, sweep: str, json_path: Path, pytest_args: list[str])
     print("+", shlex.join(command), flush=True)
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, check=False)
     if done.returncode == 0:
+        if not json_path.exists():  # pytest-benchmark writes no JSON when nothing was timed
+            sys.exit("report.py: no benchmark ran (every one was skipped: a time budget spent before the first, or "
+                     "no case for this device); no report written")
         return None
     if done.returncode != 1 or not json_path.exists():  # 1: some tests failed; anything else: no usable run
         sys.exit(f"report.py: the benchmark run failed (pytest exit status {done.returncode}); no report written")
@@ -200,6 +209,9 @@ def step_section(rows: list[dict]) -> tuple[str | None, list[str]]:
                      + table(["provider", "own kernels (rest: torch backend's, else reference)", "time per step", "× vs reference",
                               "time / plain step", how, f"{how} / plain"], body))
         backends = [r for p, r in by.items() if p not in ("reference", "plain")]
+        if backends and model.startswith(GPU_TARGET["model"]) and tokens == GPU_TARGET["tokens"] \
+                and precision == GPU_TARGET["dtype"]:
+            verdicts += gpu_step_verdicts(case, by, backends)
         if ref and backends and model.startswith(TARGET["model"]) and tokens == TARGET["tokens"]:
             best = min(backends, key=lambda r: r["time_ms"])
             speedup = ref / best["time_ms"]
@@ -211,6 +223,65 @@ def step_section(rows: list[dict]) -> tuple[str | None, list[str]]:
                 line += f"; plain BERT step {fmt_time(plain['time_ms'])} (fastest WID step = {best['time_ms'] / plain['time_ms']:.2f}× its time)"
             verdicts.append(line + ".")
     return "\n\n".join(parts), verdicts
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def gpu_step_verdicts(case: str, by: dict, backends: list[dict]) -> list[str]:
+    """The three step targets of the BERT-base bf16 step, each against what this run measured (or why not)."""
+    best = min(backends, key=lambda r: r["time_ms"])
+    ref, plain = by.get("reference"), by.get("plain")
+    where = f"BERT-base WID step, 128 × 128 tokens bf16 ({case}), fastest backend `{best['provider']}` {fmt_time(best['time_ms'])}"
+    lines = []
+    if ref:
+        speedup = ref["time_ms"] / best["time_ms"]
+        lines.append(f"{where}: {speedup:.2f}× the reference's {fmt_time(ref['time_ms'])} (target ≥ "
+                     f"{GPU_TARGET['speedup']:g}×: {_verdict(speedup >= GPU_TARGET['speedup'])})")
+        memory, ref_memory = best.get("peak_memory_mib"), ref.get("peak_memory_mib")
+        if memory and ref_memory:
+            share = memory / ref_memory
+            lines.append(f"{where}: peak memory {memory / 1024:.2f} GiB = {share:.2f}× the reference's "
+                         f"{ref_memory / 1024:.2f} GiB (target ≤ {GPU_TARGET['memory_of_reference']:g}×: "
+                         f"{_verdict(share <= GPU_TARGET['memory_of_reference'])})")
+    else:
+        lines.append(f"{where}: the reference step was not measured in this run (no speed-up or memory verdict)")
+    if plain:
+        share = best["time_ms"] / plain["time_ms"]
+        lines.append(f"{where}: {share:.2f}× the plain BERT step's {fmt_time(plain['time_ms'])} (target ≤ "
+                     f"{GPU_TARGET['of_plain']:g}×: {_verdict(share <= GPU_TARGET['of_plain'])})")
+    return lines
+
+
+def gpu_op_verdicts(rows: list[dict], ceiling: dict) -> list[str]:
+    """Fold against the bf16 GEMM rate, LayerNorm and optimizer against the copy bandwidth: the fastest backend's
+    worst point of the BERT-base case (kept 1.0 and pruned alike), so one slow shape is not averaged away."""
+    checks = (("fold", "forward", "flops", "gemm", GPU_TARGET["fold_of_gemm"], "bf16"),
+              ("masked_layer_norm", "forward+backward", "bytes", "copy", GPU_TARGET["of_copy"], None),
+              ("wid_adamw", "step", "bytes", "copy", GPU_TARGET["of_copy"], None))
+    lines = []
+    for op, mode, kind, ceiling_kind, target, dtype in checks:
+        points = defaultdict(list)
+        for r in rows:
+            if (r["op"] == op and r["mode"] == mode and r["device"] == "cuda" and r.get(kind)
+                    and r["provider"] not in ("reference", "limit", "torch_compile") and (dtype is None or r["dtype"] == dtype)):
+                points[(r["case"], r.get("shape"), r.get("tokens"), r["dtype"], r.get("kept"))].append(r)
+        shares = []
+        for (case, shape, tokens, point_dtype, kept), candidates in points.items():
+            best = min(candidates, key=lambda r: r["time_ms"])
+            key = (case, "gemm", point_dtype) if ceiling_kind == "gemm" else (case, "copy", None)
+            if key in ceiling:
+                share = best[kind] / (best["time_ms"] / 1e3) / ceiling[key]
+                shares.append((share, best, shape, point_dtype, kept))
+        if not shares:
+            lines.append(f"{op} ({mode}): not measured against a ceiling in this run (no verdict)")
+            continue
+        share, best, shape, point_dtype, kept = min(shares, key=lambda item: item[0])
+        lines.append(f"{op} ({mode}), worst of {len(shares)} points: {100 * share:.0f}% of the measured "
+                     f"{'bf16 GEMM rate' if ceiling_kind == 'gemm' else 'copy bandwidth'} (`{best['provider']}`, "
+                     f"{shape or ''} {point_dtype} kept {kept:g}; target ≥ {100 * target:.0f}%: {_verdict(share >= target)})")
+    return lines
 
 
 def render(data: dict, rows: list[dict], label: str, note: str | None = None) -> str:
@@ -245,7 +316,14 @@ def render(data: dict, rows: list[dict], label: str, note: str | None = None) ->
         for (case, kind, dtype), rate in sorted(ceiling.items(), key=lambda item: (item[0][0], item[0][1], str(item[0][2]))):
             parts.append(f"{case} {'GEMM ' + dtype if kind == 'gemm' else 'copy'} {fmt_rate(rate, 'FLOP' if kind == 'gemm' else 'B')}")
         lines.append("- Ceilings measured in this run: " + "; ".join(parts))
+    missing = meta.get("not_measured") or []
+    if missing:
+        lines.append(f"- Not measured: {len(missing)} benchmarks, skipped when the session's time budget "
+                     f"({meta.get('time_budget_s') or 0:g} s) was spent; the run measures one point of every op per round, the "
+                     "most decisive first, torch.compile last (benchmarks/conftest.py `run_order`)")
     steps, verdicts = step_section(rows)
+    if on_gpu:
+        verdicts += gpu_op_verdicts(rows, ceiling)
     if verdicts:
         lines += ["", "### Target", ""] + [f"- {v}" for v in verdicts]
     if steps:
@@ -295,6 +373,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a pipeline check); prints unless --output is given")
     parser.add_argument("--note", help="a remark printed at the top of the section (e.g. that the machine was shared)")
     parser.add_argument("--output", type=Path, help=f"Markdown file to update (default {RESULTS.relative_to(REPO_ROOT)})")
+    parser.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                        help="stop starting benchmarks after this long (the most decisive run first) and report what ran")
     args = parser.parse_args(argv)
 
     failed = None
@@ -307,6 +387,8 @@ def main(argv=None) -> None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         json_path = REPO_ROOT / ".benchmarks" / f"wid-{device}{'-quick' if args.quick else ''}-{stamp}.json"
         json_path.parent.mkdir(exist_ok=True)
+        if args.time_budget > 0:
+            pytest_args = ["--wid-time-budget", f"{args.time_budget:g}", *pytest_args]
         failed = run_suites(device, "quick" if args.quick else "full", json_path, pytest_args)
     data, rows = load(json_path)
     label = "gpu" if any(r["device"] == "cuda" for r in rows) else "cpu"

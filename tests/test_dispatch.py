@@ -112,6 +112,34 @@ def test_every_backend_returns_the_reference_dtypes_under_autocast(backend):
         assert float((got.float() - expected.float()).abs().max()) / scale <= 3e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_a_half_precision_sublayer_output_joins_the_fp32_stream_under_autocast(backend):
+    """LayerNorm(bf16 x + fp32 residual) under autocast: fp32 out, dx in bf16, dresidual in fp32, on every backend
+    as in the reference (which adds in fp32: exactly x.float() + residual)."""
+    previous = wid_kernels.get_backend()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 9, generator=generator).bfloat16().requires_grad_()
+    stream = torch.randn(3, 4, 9, generator=generator).requires_grad_()
+    gamma, beta = torch.randn(9, generator=generator), torch.randn(9, generator=generator)
+    keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    seed = torch.randn(3, 4, 9, generator=generator)
+    results = {}
+    try:
+        for name in ("reference", backend):
+            wid_kernels.set_backend(name)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = wid_kernels.masked_layer_norm(x, stream, gamma, beta, keep, 1e-5)
+            results[name] = (y, *torch.autograd.grad(y, (x, stream), seed))
+    finally:
+        wid_kernels.set_backend(previous)
+    assert [t.dtype for t in results["reference"]] == [torch.float32, torch.bfloat16, torch.float32]
+    assert [t.dtype for t in results[backend]] == [torch.float32, torch.bfloat16, torch.float32]
+    expected = reference.masked_layer_norm(x.double(), stream.double(), gamma.double(), beta.double(), keep, 1e-5)
+    torch.testing.assert_close(results[backend][0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[backend][2], results["reference"][2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[backend][1].float(), results["reference"][1].float(), atol=2e-2, rtol=2e-2)
+
+
 def test_triton_launches_go_to_the_tensors_gpu(monkeypatch):
     """The guard makes the tensor's device current around the launch (checked without a GPU: recorded)."""
     from wid_kernels.backends.triton_ops import _common  # importable here: the interpreter is on without a GPU

@@ -96,6 +96,37 @@ def test_masked_layer_norm_forward_and_backward(rows, width, dtype, keep_kind, w
         _close(got, expected, TOL[dtype] * (4 if keep_kind == "empty" else 1), name)
 
 
+MIXED = [(torch.float16, torch.float32), (torch.float32, torch.float16)] + (
+    [(torch.bfloat16, torch.float32)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("x_dtype, residual_dtype", MIXED)
+@pytest.mark.parametrize("needs", ["both", "x", "residual"])
+def test_masked_layer_norm_with_x_and_residual_in_different_dtypes(x_dtype, residual_dtype, needs):
+    """Autocast's case: a half-precision sublayer output added to the fp32 stream inside the kernel. y takes the
+    promoted dtype; each input's gradient comes in its own dtype, rounded once from the fp32 dh (the fp32
+    residual's gradient must not pass through x's lower precision)."""
+    generator = torch.Generator().manual_seed(11)
+    x = _rand(generator, 37, 45, dtype=x_dtype, scale=2, shift=0.5).requires_grad_(needs in ("both", "x"))
+    residual = _rand(generator, 37, 45, dtype=residual_dtype).requires_grad_(needs in ("both", "residual"))
+    gamma, beta = (_rand(generator, 45, dtype=torch.float32) for _ in range(2))
+    keep = _keep(45, "scattered", generator)
+    promoted = torch.promote_types(x_dtype, residual_dtype)
+    grad_y = _rand(generator, 37, 45, dtype=promoted)
+    wanted = [t for t in (x, residual) if t.requires_grad]
+
+    y = triton_ops.masked_layer_norm(x, residual, gamma, beta, keep, 1e-5)
+    grads = torch.autograd.grad(y, wanted, grad_y)
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, residual)]
+    y_ref = reference.masked_layer_norm(*as64, gamma.double(), beta.double(), keep, 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in as64 if t.requires_grad], grad_y.double())
+    assert y.dtype == promoted
+    _close(y, y_ref, TOL[promoted], "y")
+    for tensor, got, expected in zip(wanted, grads, grads_ref):
+        assert got.dtype == tensor.dtype
+        _close(got, expected, TOL[tensor.dtype], f"grad of the {tensor.dtype} input")
+
+
 def test_masked_layer_norm_without_affine_and_into_a_poisoned_output():
     generator = torch.Generator().manual_seed(5)
     x = _rand(generator, 9, 23, dtype=torch.float32)

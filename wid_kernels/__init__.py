@@ -170,12 +170,23 @@ def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
     return _matmul_op("fold", W, [Q, W, L, bias], (keep_out, keep_in, scale))
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def masked_layer_norm(x, residual, gamma, beta, keep, eps):
-    """LayerNorm(x + residual) with statistics over the channels where `keep` is True."""
+    """LayerNorm(x + residual) with statistics over the channels where `keep` is True.
+
+    Under autocast it computes in fp32, as torch's layer_norm does. A half-precision x (a sublayer's output)
+    with an fp32 residual (the stream) goes in as it is: x + residual is the fp32 sum either way, and a backend
+    that adds inside its kernel saves the pass that casting x first would cost.
+    """
     if _autocast_dtype(x) is None:
         return _call("masked_layer_norm", x, x, residual, gamma, beta, keep, eps)
-    with torch.autocast(x.device.type, enabled=False):  # fp32, as torch's layer_norm under autocast
-        x, residual, gamma, beta = _cast([x, residual, gamma, beta], torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is not None and x.dtype in _HALF and residual.dtype == torch.float32:
+            gamma, beta = _cast([gamma, beta], torch.float32)
+        else:
+            x, residual, gamma, beta = _cast([x, residual, gamma, beta], torch.float32)
         return _call("masked_layer_norm", x, x, residual, gamma, beta, keep, eps)
 
 

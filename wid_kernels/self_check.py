@@ -59,16 +59,25 @@ def _linear_like(op, device, dtype, generator, fold: bool):
 
 
 def _layer_norm(op, device, dtype, generator):
+    """Without a residual, with one of x's dtype and, for half-precision x, with an fp32 one (autocast's case)."""
     width = 9
-    x, gamma, beta = (_make(generator, device, dtype, *s, grad=True) for s in ((3, 4, width), (width,), (width,)))
     keep = torch.tensor([True, False, True, True, True, False, True, False, True], device=device)
-    y = op(x, None, gamma, beta, keep, 1e-5)
-    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in (x, gamma, beta)]
-    expected = reference.masked_layer_norm(ref_inputs[0], None, ref_inputs[1], ref_inputs[2], keep.cpu(), 1e-5)
-    seed = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, gamma, beta), seed.to(device=device, dtype=dtype))
-    expected_grads = torch.autograd.grad(expected, ref_inputs, seed)
-    return [("output", y, expected)] + [(name, g, e) for name, g, e in zip(("dx", "dgamma", "dbeta"), grads, expected_grads)]
+    pairs = []
+    for residual_dtype in (None, dtype, *([torch.float32] if dtype in (torch.bfloat16, torch.float16) else [])):
+        x, gamma, beta = (_make(generator, device, dtype, *s, grad=True) for s in ((3, 4, width), (width,), (width,)))
+        residual = None if residual_dtype is None else _make(generator, device, residual_dtype, 3, 4, width, grad=True)
+        inputs = [t for t in (x, residual, gamma, beta) if t is not None]
+        y = op(x, residual, gamma, beta, keep, 1e-5)
+        ref_inputs = [None if t is None else t.detach().cpu().double().requires_grad_() for t in (x, residual, gamma, beta)]
+        expected = reference.masked_layer_norm(*ref_inputs, keep.cpu(), 1e-5)
+        seed = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+        grads = torch.autograd.grad(y, inputs, seed.to(device=device, dtype=y.dtype))
+        expected_grads = torch.autograd.grad(expected, [t for t in ref_inputs if t is not None], seed)
+        names = [n for n, t in zip(("dx", "dresidual", "dgamma", "dbeta"), (x, residual, gamma, beta)) if t is not None]
+        with_what = "" if residual is None else f" (residual {str(residual_dtype).replace('torch.', '')})"
+        pairs += [(f"output{with_what}", y, expected)]
+        pairs += [(name + with_what, g, e) for name, g, e in zip(names, grads, expected_grads)]
+    return pairs
 
 
 def _optimizer(op, device, dtype, generator):

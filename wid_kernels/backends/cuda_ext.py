@@ -113,8 +113,14 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     """LayerNorm(x + residual) with statistics over the kept channels; the reference's signature.
 
     fp64 with a keep mask goes to the reference, which defines that case in fp32 (`h.float()`); the
-    kernels would compute it in fp64 and so differ from the source of truth by fp32 rounding.
+    kernels would compute it in fp64 and so differ from the source of truth by fp32 rounding. x and a residual
+    of the same shape in different dtypes (a bf16 x with the fp32 stream under autocast) are both cast to the
+    promoted dtype first (the kernels take one dtype): the sum the reference computes.
     """
+    if (residual is not None and residual.dtype != x.dtype and residual.shape == x.shape
+            and x.is_floating_point() and residual.is_floating_point()):
+        promoted = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(promoted), residual.to(promoted)
     if (x.dtype not in _KERNEL_DTYPES or (x.dtype == torch.float64 and keep is not None) or not _runs_here(x.device) or x.dim() == 0
             or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))
             or any(t is not None and t.device != x.device for t in (residual, gamma, beta, keep))):

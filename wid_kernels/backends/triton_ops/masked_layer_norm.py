@@ -10,6 +10,11 @@ Backward, with g = dy·γ, x̂ = (h − mean)·rstd, k the keep mask and c the k
                                                   outputs depend on mean and rstd too)
 dx = dresidual = dh. dγ, dβ are summed per program into an fp32 buffer of partial rows and reduced
 by one torch sum, so no atomics are needed.
+
+x and residual may differ in dtype (under autocast: a bf16 sublayer output added to the fp32 residual stream):
+the add happens in fp32 in the kernel, so x is never cast in a pass of its own; y takes the promoted dtype, and
+the backward writes dx in x's dtype and, only then, a second copy of dh in the residual's. With equal dtypes
+the residual's gradient is dx itself (no copy, no clone).
 """
 from __future__ import annotations
 
@@ -57,10 +62,10 @@ def _mln_forward_kernel(X, R, GAMMA, BETA, KEEP, Y, MEAN, RSTD, n_rows, n_cols, 
 
 
 @triton.jit
-def _mln_backward_kernel(DY, X, R, GAMMA, KEEP, MEAN, RSTD, DH, DGAMMA_PART, DBETA_PART, n_rows, n_cols, count,
+def _mln_backward_kernel(DY, X, R, GAMMA, KEEP, MEAN, RSTD, DH, DH2, DGAMMA_PART, DBETA_PART, n_rows, n_cols, count,
                          HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_KEEP: tl.constexpr,
-                         NEED_DH: tl.constexpr, NEED_DGAMMA: tl.constexpr, NEED_DBETA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         NEED_DH: tl.constexpr, STORE_DH2: tl.constexpr, NEED_DGAMMA: tl.constexpr,
+                         NEED_DBETA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Persistent: program p handles row tiles p, p + P, p + 2P, ... and keeps its dγ/dβ partials in registers.
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -96,6 +101,8 @@ def _mln_backward_kernel(DY, X, R, GAMMA, KEEP, MEAN, RSTD, DH, DGAMMA_PART, DBE
             sum_gx = tl.reduce(g * xhat, 1, SUM)
             dh = rstd[:, None] * (g - k[None, :] * (sum_g[:, None] + xhat * sum_gx[:, None]) / count)
             tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=ok)
+            if STORE_DH2:  # the same gradient in a second dtype (x and the residual differ)
+                tl.store(DH2 + offs, dh.to(DH2.dtype.element_ty), mask=ok)
         if NEED_DGAMMA:
             dgamma += tl.reduce(dy * xhat, 0, SUM)
         if NEED_DBETA:
@@ -164,8 +171,9 @@ def _num_programs(n_tiles, device):
 
 
 def masked_layer_norm_backward(dy, x, residual, gamma, keep, mean, rstd, need_dh=True, need_dgamma=True,
-                               need_dbeta=True, dh_dtype=None):
-    """Launch the backward kernel; returns dh (grad of x and of residual), dγ, dβ (None where not needed)."""
+                               need_dbeta=True, dh_dtype=None, dh2_dtype=None):
+    """Launch the backward kernel; returns dh (grad of x and of residual, in `dh_dtype`, default x's), the same in
+    `dh2_dtype` (None unless asked), dγ, dβ (None where not needed)."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()
     n_rows = x2.shape[0]
@@ -175,20 +183,21 @@ def masked_layer_norm_backward(dy, x, residual, gamma, keep, mean, rstd, need_dh
     block_m, block_n, num_warps = _blocks(n_cols)
     n_prog = _num_programs(triton.cdiv(max(n_rows, 1), block_m), x.device)
     dh = torch.empty(x.shape, dtype=dh_dtype or x.dtype, device=x.device) if need_dh else None
+    dh2 = torch.empty(x.shape, dtype=dh2_dtype, device=x.device) if need_dh and dh2_dtype is not None else None
     dgamma_part = torch.empty(n_prog, n_cols, dtype=torch.float32, device=x.device) if need_dgamma else None
     dbeta_part = torch.empty(n_prog, n_cols, dtype=torch.float32, device=x.device) if need_dbeta else None
     if n_cols > 0:
         launch(_mln_backward_kernel, (n_prog,), x2,
             dy2, x2, r2, gamma if gamma is not None else x2, keep_arg, mean, rstd,
-            dh if need_dh else x2, dgamma_part if need_dgamma else x2, dbeta_part if need_dbeta else x2,
-            n_rows, n_cols, count,
+            dh if need_dh else x2, dh2 if dh2 is not None else x2, dgamma_part if need_dgamma else x2,
+            dbeta_part if need_dbeta else x2, n_rows, n_cols, count,
             HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None, HAS_KEEP=has_keep,
-            NEED_DH=need_dh, NEED_DGAMMA=need_dgamma, NEED_DBETA=need_dbeta,
+            NEED_DH=need_dh, STORE_DH2=dh2 is not None, NEED_DGAMMA=need_dgamma, NEED_DBETA=need_dbeta,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
     dgamma = dgamma_part.sum(0).to(gamma.dtype) if need_dgamma else None
     dbeta = dbeta_part.sum(0) if need_dbeta else None
-    return dh, dgamma, dbeta
+    return dh, dh2, dgamma, dbeta
 
 
 # torch.library custom ops (schema, fake implementation, autograd), so torch.compile(fullgraph=True) traces them.
@@ -209,19 +218,28 @@ def _forward_fake(x, residual, gamma, beta, keep, eps):
     return x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
 
 
+def _gradient_dtypes(x, residual, need):
+    """(dtype of the kernel's dh, dtype of its second copy or None): dh serves dx when x needs it, else the residual;
+    the copy exists only when both need it in different dtypes. With equal dtypes the residual's gradient is dx."""
+    need_x, need_r = need[0], need[1] and residual is not None
+    primary = x.dtype if need_x or not need_r else residual.dtype
+    second = residual.dtype if need_x and need_r and residual.dtype != x.dtype else None
+    return primary, second
+
+
 @torch.library.custom_op("wid_triton::masked_layer_norm_backward", mutates_args=())
 def _backward(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
               keep: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, need: list[bool],
               beta_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dresidual, dγ, dβ), empty where not needed or absent."""
+    """(dx, dresidual, dγ, dβ), empty where not needed or absent; dresidual also empty where it equals dx (the
+    outputs of a custom op must not alias: `_autograd_backward` hands dx to both)."""
     need_x, need_r, need_g, need_b = need
-    dh, dgamma, dbeta = masked_layer_norm_backward(
+    primary, second = _gradient_dtypes(x, residual, need)
+    dh, dh2, dgamma, dbeta = masked_layer_norm_backward(
         dy, x, residual, gamma, keep, mean, rstd, need_dh=need_x or need_r, need_dgamma=need_g and gamma is not None,
-        need_dbeta=need_b and beta_dtype is not None, dh_dtype=x.dtype)
+        need_dbeta=need_b and beta_dtype is not None, dh_dtype=primary, dh2_dtype=second)
     dx = dh if need_x else None
-    dr = (dh if residual.dtype == dh.dtype else dh.to(residual.dtype)) if need_r else None
-    if dx is not None and dr is dx:
-        dr = dx.clone()  # outputs must not alias each other
+    dr = (dh2 if need_x else dh) if need_r and residual is not None else None
     if dbeta is not None:
         dbeta = dbeta.to(beta_dtype)
     return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dr, dgamma, dbeta))
@@ -231,7 +249,9 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor
 def _backward_fake(dy, x, residual, gamma, keep, mean, rstd, need, beta_dtype):
     need_x, need_r, need_g, need_b = need
     empty = dy.new_empty(0)
-    return (torch.empty_like(x) if need_x else empty, torch.empty_like(residual) if need_r and residual is not None else empty,
+    _, second = _gradient_dtypes(x, residual, need)
+    own_dr = need_r and residual is not None and (not need_x or second is not None)
+    return (torch.empty_like(x) if need_x else empty, torch.empty_like(residual) if own_dr else empty,
             torch.empty_like(gamma) if need_g and gamma is not None else empty,
             x.new_empty(x.shape[-1], dtype=beta_dtype) if need_b and beta_dtype is not None else empty)
 
@@ -245,8 +265,10 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, dy, _mean, _rstd):
     x, residual, gamma, keep, mean, rstd = ctx.saved_tensors
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
-    grads = _backward(dy, x, residual, gamma, keep, mean, rstd, need, ctx.beta_dtype)
-    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
+    dx, dr, dgamma, dbeta = _backward(dy, x, residual, gamma, keep, mean, rstd, need, ctx.beta_dtype)
+    if need[0] and need[1] and _gradient_dtypes(x, residual, need)[1] is None:
+        dr = dx  # equal dtypes: the residual's gradient is dx itself
+    return (*(g if wanted else None for g, wanted in zip((dx, dr, dgamma, dbeta), need)), None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)

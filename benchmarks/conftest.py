@@ -125,7 +125,9 @@ PROVIDER_ORDER = OP_PROVIDERS + tuple(p for p in STEP_PROVIDERS if p not in OP_P
 # (as torch's own under autocast), the optimizer on the fp32 master weights.
 TRAINING_DTYPE = {"test_masked_layer_norm_forward_backward": "fp32", "test_masked_layer_norm_forward": "fp32",
                   "test_wid_adamw_step": "fp32"}
-_session = {"started": None, "budget": 0.0, "not_measured": []}
+# A torch.compile benchmark compiles the whole point first: never started with less than this left.
+COMPILE_ALLOWANCE_S = 90.0
+_session = {"started": None, "budget": 0.0, "not_measured": [], "longest": {}, "running": {}}
 
 
 def _params(item) -> dict:
@@ -166,15 +168,44 @@ def pytest_collection_modifyitems(session, config, items):
     for slot, item in zip(slots, run_order([items[i] for i in slots])):
         items[slot] = item
     _session.update(started=time.monotonic(), budget=config.getoption("--wid-time-budget", 0.0) or 0.0,
-                    not_measured=[])
+                    not_measured=[], longest={}, running={})
+
+
+def _kind(item) -> tuple[str, str]:
+    return item.originalname, _params(item).get("provider", "")
+
+
+def expected_seconds(kind: tuple[str, str], longest: dict) -> float:
+    """What a benchmark of `kind` (test, provider) will take: the longest of that kind so far, else the longest of
+    its test, else 0 (nothing known: start it); a torch.compile one at least COMPILE_ALLOWANCE_S."""
+    name, provider = kind
+    seen = longest.get(kind) or max((s for (n, _), s in longest.items() if n == name), default=0.0)
+    return max(seen, COMPILE_ALLOWANCE_S) if provider == "torch_compile" else seen
 
 
 def pytest_runtest_setup(item):
-    """Past the time budget: skip, and note the benchmark as not measured (report.py says how many)."""
+    """Past the time budget, or with less of it left than this benchmark is expected to take: skip, and note it as
+    not measured (report.py says how many). A benchmark started near the end must not overrun the caller's limit
+    (gpu_check.sh kills the step there, and with it the whole report)."""
     budget, started = _session["budget"], _session["started"]
-    if budget > 0 and started is not None and time.monotonic() - started > budget:
-        _session["not_measured"].append(item.nodeid)
-        pytest.skip(f"not measured: the --wid-time-budget of {budget:g} s was spent")
+    if budget > 0 and started is not None:
+        left = budget - (time.monotonic() - started)
+        expected = expected_seconds(_kind(item), _session["longest"])
+        if left <= 0 or expected > left:
+            _session["not_measured"].append(item.nodeid)
+            if left <= 0:
+                pytest.skip(f"not measured: the --wid-time-budget of {budget:g} s was spent")
+            pytest.skip(f"not measured: {left:.0f} s of the --wid-time-budget left, and such a benchmark takes "
+                        f"{expected:.0f} s")
+    _session["running"][item.nodeid] = (_kind(item), time.monotonic())
+
+
+def pytest_runtest_logreport(report):
+    """After a benchmark's teardown: remember how long it took (setup to teardown) for `expected_seconds`."""
+    if report.when == "teardown" and report.nodeid in _session["running"]:
+        kind, began = _session["running"].pop(report.nodeid)
+        took = time.monotonic() - began
+        _session["longest"][kind] = max(took, _session["longest"].get(kind, 0.0))
 
 
 def selected_cases(config) -> list[Case]:

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.conftest import PRIORITY  # noqa: E402
+from benchmarks.conftest import COMPILE_ALLOWANCE_S, PRIORITY, expected_seconds  # noqa: E402
 
 
 def _pytest_benchmarks(*args, plugin_dir=None, timeout=600):
@@ -101,6 +101,37 @@ def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
     assert data["wid"]["time_budget_s"] == 600
     assert sorted(Path(n).name for n in data["wid"]["not_measured"]) == [
         "test_bench_ops.py::test_ceiling_copy[cpu-tiny]", "test_bench_ops.py::test_ceiling_gemm[cpu-tiny-fp32]"]
+
+
+LONG_GEMM = """
+import sys
+
+
+def pytest_runtest_teardown(item):  # the first GEMM ceiling "took" 1000 s: the next one cannot fit in 600
+    conftest = sys.modules["benchmarks.conftest"]
+    conftest._session["longest"][conftest._kind(item)] = 1000.0
+"""
+
+
+def test_a_benchmark_expected_to_outlast_the_budget_is_not_started(tmp_path):
+    (tmp_path / "long_gemm.py").write_text(LONG_GEMM)
+    json_path = tmp_path / "run.json"
+    done = _pytest_benchmarks("benchmarks/test_bench_ops.py", "-q", "-rs", "-p", "long_gemm", "-k", "ceiling",
+                              "--wid-device", "cpu", "--wid-sweep", "quick", "--wid-time-budget", "600",
+                              f"--benchmark-json={json_path}", plugin_dir=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 passed, 1 skipped" in done.stdout and "and such a benchmark takes 1000 s" in done.stdout
+    data = json.loads(json_path.read_text())
+    assert sorted(b["name"] for b in data["benchmarks"]) == ["test_ceiling_copy[cpu-tiny]", "test_ceiling_gemm[cpu-tiny-bf16]"]
+    assert [Path(n).name for n in data["wid"]["not_measured"]] == ["test_bench_ops.py::test_ceiling_gemm[cpu-tiny-fp32]"]
+
+
+def test_the_expected_time_of_a_benchmark():
+    longest = {("test_fold", "triton"): 4.0, ("test_fold", "reference"): 9.0, ("test_training_step", "plain"): 2.0}
+    assert expected_seconds(("test_fold", "triton"), longest) == 4.0  # its own kind
+    assert expected_seconds(("test_fold", "cuda"), longest) == 9.0  # unseen provider: the longest of its test
+    assert expected_seconds(("test_wid_adamw_step", "torch"), longest) == 0.0  # nothing known: start it
+    assert expected_seconds(("test_fold", "torch_compile"), longest) == COMPILE_ALLOWANCE_S
 
 
 def test_a_budget_spent_before_the_first_benchmark_is_one_clear_error(tmp_path):

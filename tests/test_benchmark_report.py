@@ -88,18 +88,24 @@ def pytest_runtest_teardown(item):  # after the first benchmark, the session has
 """
 
 
-def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
-    (tmp_path / "clock_jump.py").write_text(CLOCK_JUMP)
+def _ceilings_under_a_budget(tmp_path, plugin: str, source: str):
+    """The three CPU ceiling benchmarks with a 600 s budget and `source` as plugin `plugin`: (pytest stdout, JSON)."""
+    (tmp_path / f"{plugin}.py").write_text(source)
     json_path = tmp_path / "run.json"
-    done = _pytest_benchmarks("benchmarks/test_bench_ops.py", "-q", "-rs", "-p", "clock_jump", "-k", "ceiling",
+    done = _pytest_benchmarks("benchmarks/test_bench_ops.py", "-q", "-rs", "-p", plugin, "-k", "ceiling",
                               "--wid-device", "cpu", "--wid-sweep", "quick", "--wid-time-budget", "600",
                               f"--benchmark-json={json_path}", plugin_dir=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "1 passed, 2 skipped" in done.stdout and "not measured: the --wid-time-budget of 600 s was spent" in done.stdout
     data = json.loads(json_path.read_text())
-    assert [b["name"] for b in data["benchmarks"]] == ["test_ceiling_gemm[cpu-tiny-bf16]"]  # the decisive one first
-    assert data["wid"]["time_budget_s"] == 600
-    assert sorted(Path(n).name for n in data["wid"]["not_measured"]) == [
+    return done.stdout, sorted(b["name"] for b in data["benchmarks"]), data["wid"]
+
+
+def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
+    stdout, measured, wid = _ceilings_under_a_budget(tmp_path, "clock_jump", CLOCK_JUMP)
+    assert "1 passed, 2 skipped" in stdout and "not measured: the --wid-time-budget of 600 s was spent" in stdout
+    assert measured == ["test_ceiling_gemm[cpu-tiny-bf16]"]  # the decisive one first
+    assert wid["time_budget_s"] == 600
+    assert sorted(Path(n).name for n in wid["not_measured"]) == [
         "test_bench_ops.py::test_ceiling_copy[cpu-tiny]", "test_bench_ops.py::test_ceiling_gemm[cpu-tiny-fp32]"]
 
 
@@ -114,16 +120,10 @@ def pytest_runtest_teardown(item):  # the first GEMM ceiling "took" 1000 s: the 
 
 
 def test_a_benchmark_expected_to_outlast_the_budget_is_not_started(tmp_path):
-    (tmp_path / "long_gemm.py").write_text(LONG_GEMM)
-    json_path = tmp_path / "run.json"
-    done = _pytest_benchmarks("benchmarks/test_bench_ops.py", "-q", "-rs", "-p", "long_gemm", "-k", "ceiling",
-                              "--wid-device", "cpu", "--wid-sweep", "quick", "--wid-time-budget", "600",
-                              f"--benchmark-json={json_path}", plugin_dir=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "2 passed, 1 skipped" in done.stdout and "and such a benchmark takes 1000 s" in done.stdout
-    data = json.loads(json_path.read_text())
-    assert sorted(b["name"] for b in data["benchmarks"]) == ["test_ceiling_copy[cpu-tiny]", "test_ceiling_gemm[cpu-tiny-bf16]"]
-    assert [Path(n).name for n in data["wid"]["not_measured"]] == ["test_bench_ops.py::test_ceiling_gemm[cpu-tiny-fp32]"]
+    stdout, measured, wid = _ceilings_under_a_budget(tmp_path, "long_gemm", LONG_GEMM)
+    assert "2 passed, 1 skipped" in stdout and "and such a benchmark takes 1000 s" in stdout
+    assert measured == ["test_ceiling_copy[cpu-tiny]", "test_ceiling_gemm[cpu-tiny-bf16]"]
+    assert [Path(n).name for n in wid["not_measured"]] == ["test_bench_ops.py::test_ceiling_gemm[cpu-tiny-fp32]"]
 
 
 def test_the_expected_time_of_a_benchmark():

@@ -22,8 +22,8 @@ own clock; CUDA runs also with `triton.testing.do_bench`, reported through `benc
 The full BERT-base sweep takes far longer than one GPU check may run, so benchmarks run most decisive
 first (`PRIORITY`: the ceilings, the training step, fold, optimizer, LayerNorm, compacted_linear; bf16 and the
 largest sizes first; torch.compile, which compiles for every point, last), the providers of one point next to
-each other; once the time budget is spent every remaining benchmark is skipped as "not measured", so the
-session still ends normally and its JSON (what `report.py` reads) holds everything measured so far.
+each other; once the time budget is spent, or less of it is left than a benchmark of that kind has taken, the
+benchmark is skipped as "not measured", so the session still ends normally and its JSON (what `report.py` reads) holds everything measured so far.
 """
 from __future__ import annotations
 
@@ -191,12 +191,12 @@ def pytest_runtest_setup(item):
     if budget > 0 and started is not None:
         left = budget - (time.monotonic() - started)
         expected = expected_seconds(_kind(item), _session["longest"])
-        if left <= 0 or expected > left:
+        why = (f"the --wid-time-budget of {budget:g} s was spent" if left <= 0 else
+               f"{left:.0f} s of the --wid-time-budget left, and such a benchmark takes {expected:.0f} s"
+               if expected > left else None)
+        if why:
             _session["not_measured"].append(item.nodeid)
-            if left <= 0:
-                pytest.skip(f"not measured: the --wid-time-budget of {budget:g} s was spent")
-            pytest.skip(f"not measured: {left:.0f} s of the --wid-time-budget left, and such a benchmark takes "
-                        f"{expected:.0f} s")
+            pytest.skip(f"not measured: {why}")
     _session["running"][item.nodeid] = (_kind(item), time.monotonic())
 
 

@@ -318,8 +318,8 @@ def render(data: dict, rows: list[dict], label: str, note: str | None = None) ->
         lines.append("- Ceilings measured in this run: " + "; ".join(parts))
     missing = meta.get("not_measured") or []
     if missing:
-        lines.append(f"- Not measured: {len(missing)} benchmarks, skipped when the session's time budget "
-                     f"({meta.get('time_budget_s') or 0:g} s) was spent; the run measures one point of every op per round, the "
+        lines.append(f"- Not measured: {len(missing)} benchmarks, skipped when what was left of the session's time "
+                     f"budget ({meta.get('time_budget_s') or 0:g} s) could not hold them; the run measures one point of every op per round, the "
                      "most decisive first, torch.compile last (benchmarks/conftest.py `run_order`)")
     steps, verdicts = step_section(rows)
     if on_gpu:

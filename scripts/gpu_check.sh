@@ -120,7 +120,7 @@ note "tests: $(tail -n1 "$OUT/tests.log")"
 # 4. The benchmark report: the GPU section of benchmarks/RESULTS.md (the rehearsal checks the pipeline on tiny sizes).
 # The full BERT-base sweep takes far longer than what is left: the report gets the time left minus a margin for its
 # last benchmark and the write-up, runs the most decisive benchmarks first and reports what it measured.
-bench_budget=$(( $(left) - 45 ))
+bench_budget=$(( $(left) - 45 )); [ "$bench_budget" -lt 1 ] && bench_budget=1  # 0 would mean "no limit"
 if [ "$mode" = gpu ]; then
     step "benchmark report (GPU, time budget ${bench_budget} s)" 600 "$OUT/bench.log" "$PY" benchmarks/report.py --gpu \
         --time-budget "$bench_budget" && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

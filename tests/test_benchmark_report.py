@@ -195,5 +195,5 @@ def test_the_gpu_report_says_which_targets_the_measured_numbers_meet():
 def test_the_report_counts_what_the_budget_left_unmeasured():
     meta = {"time_budget_s": 300.0, "not_measured": ["a", "b", "c"]}
     text = report.render({"wid": meta}, _gpu_rows(), "gpu")
-    assert "- Not measured: 3 benchmarks, skipped when the session's time budget (300 s) was spent" in text
+    assert "- Not measured: 3 benchmarks, skipped when what was left of the session's time budget (300 s) could not hold them" in text
     assert "Not measured" not in report.render({"wid": {"not_measured": []}}, _gpu_rows(), "gpu")

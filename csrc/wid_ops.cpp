@@ -25,6 +25,11 @@ at::Tensor as_bytes(const at::Tensor& keep) {
   return keep.ne(0).to(at::kByte).contiguous();
 }
 
+at::ScalarType layer_norm_out_dtype(const at::Tensor& x, const c10::optional<at::Tensor>& residual) {
+  if (!residual.has_value() || !residual->defined()) return x.scalar_type();
+  return at::promote_types(x.scalar_type(), residual->scalar_type());
+}
+
 LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                  const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
                                  const c10::optional<at::Tensor>& keep, bool host_count) {
@@ -32,16 +37,18 @@ LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Te
   LayerNormArgs a;
   a.cols = x.size(-1);
   a.rows = a.cols == 0 ? 0 : x.numel() / a.cols;
+  a.out_dtype = layer_norm_out_dtype(x, residual);
   a.x = x.contiguous();
-  const auto acc = acc_dtype(x.scalar_type());
   if (residual.has_value() && residual->defined()) {
     TORCH_CHECK(residual->sizes() == x.sizes(), "masked_layer_norm: residual shape ", residual->sizes(),
                 " != x shape ", x.sizes());
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "masked_layer_norm: residual dtype ",
-                residual->scalar_type(), " != x dtype ", x.scalar_type());
     TORCH_CHECK(residual->device() == x.device(), "masked_layer_norm: residual on another device");
-    a.residual = residual->contiguous();
+    const auto xt = x.scalar_type(), rt = residual->scalar_type();
+    const bool kernel_pair = xt == rt || (rt == at::kFloat && (xt == at::kBFloat16 || xt == at::kHalf));
+    a.residual = residual->to(kernel_pair ? rt : a.out_dtype).contiguous();
+    if (!kernel_pair) a.x = x.to(a.out_dtype).contiguous();
   }
+  const auto acc = acc_dtype(a.out_dtype);
   auto per_channel = [&](const c10::optional<at::Tensor>& t, const char* name) -> at::Tensor {
     if (!t.has_value() || !t->defined()) return at::Tensor();
     TORCH_CHECK(t->numel() == a.cols, "masked_layer_norm: ", name, " has ", t->numel(), " elements, expected ",
@@ -61,14 +68,6 @@ LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Te
   }
   a.inv_count = 1.0 / static_cast<double>(std::max<int64_t>(kept, 1));
   return a;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_outputs(const at::Tensor& x) {
-  const int64_t cols = x.dim() ? x.size(-1) : 1;
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  auto stats = x.options().dtype(acc_dtype(x.scalar_type()));
-  return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), at::empty({rows}, stats),
-          at::empty({rows}, stats)};
 }
 
 std::vector<AdamwItem> prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -117,12 +116,13 @@ namespace {
 
 // ---------------------------------------------------------------- masked LayerNorm, CPU
 
-template <typename T>
-void mln_forward_rows(const LayerNormArgs& a, double eps, T* y, at::opmath_type<T>* mean_out,
-                      at::opmath_type<T>* rstd_out) {
-  using acc_t = at::opmath_type<T>;
+// T: x's element type; R: the residual's, y's and dh's (T, or float for a half-precision x).
+template <typename T, typename R>
+void mln_forward_rows(const LayerNormArgs& a, double eps, R* y, at::opmath_type<R>* mean_out,
+                      at::opmath_type<R>* rstd_out) {
+  using acc_t = at::opmath_type<R>;
   const T* x = a.x.data_ptr<T>();
-  const T* r = a.residual.defined() ? a.residual.data_ptr<T>() : nullptr;
+  const R* r = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
   const acc_t* gamma = a.gamma.defined() ? a.gamma.data_ptr<acc_t>() : nullptr;
   const acc_t* beta = a.beta.defined() ? a.beta.data_ptr<acc_t>() : nullptr;
   const uint8_t* keep = a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr;
@@ -135,7 +135,7 @@ void mln_forward_rows(const LayerNormArgs& a, double eps, T* y, at::opmath_type<
       const T* xr = x + row * n;
       acc_t sum = 0;
       if (r) {
-        const T* rr = r + row * n;
+        const R* rr = r + row * n;
         for (int64_t j = 0; j < n; ++j) h[j] = static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]);
       } else {
         for (int64_t j = 0; j < n; ++j) h[j] = static_cast<acc_t>(xr[j]);
@@ -159,12 +159,12 @@ void mln_forward_rows(const LayerNormArgs& a, double eps, T* y, at::opmath_type<
         }
       }
       const acc_t rstd = acc_t(1) / std::sqrt(sq * inv_count + static_cast<acc_t>(eps));
-      T* yr = y + row * n;
+      R* yr = y + row * n;
       for (int64_t j = 0; j < n; ++j) {
         acc_t v = (h[j] - mean) * rstd;
         if (gamma) v *= gamma[j];
         if (beta) v += beta[j];
-        yr[j] = static_cast<T>(v);
+        yr[j] = static_cast<R>(v);
       }
       mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -177,13 +177,16 @@ std::tuple<at::Tensor, at::Tensor> mln_fwd_out_cpu(const at::Tensor& x, const c1
                                                    const c10::optional<at::Tensor>& beta,
                                                    const c10::optional<at::Tensor>& keep, double eps, at::Tensor& y) {
   LayerNormArgs a = prepare_layer_norm(x, residual, gamma, beta, keep);
-  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.is_contiguous(),
-              "masked_layer_norm: out must be a contiguous tensor of x's shape and dtype");
-  auto stats = x.options().dtype(acc_dtype(x.scalar_type()));
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == a.out_dtype && y.is_contiguous(),
+              "masked_layer_norm: out must be a contiguous tensor of x's shape and of x's and the residual's "
+              "promoted dtype");
+  auto stats = x.options().dtype(acc_dtype(a.out_dtype));
   at::Tensor mean = at::empty({a.rows}, stats), rstd = at::empty({a.rows}, stats);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_layer_norm_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    mln_forward_rows<scalar_t>(a, eps, y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
+  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
+    using T = typename decltype(x_type)::type;
+    using R = typename decltype(r_type)::type;
+    using acc_t = at::opmath_type<R>;
+    mln_forward_rows<T, R>(a, eps, y.data_ptr<R>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
   });
   return {mean, rstd};
 }
@@ -193,19 +196,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd_cpu(const at::Tensor& x,
                                                            const c10::optional<at::Tensor>& gamma,
                                                            const c10::optional<at::Tensor>& beta,
                                                            const c10::optional<at::Tensor>& keep, double eps) {
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(x.sizes(), x.options()
+                                          .dtype(layer_norm_out_dtype(x, residual))
+                                          .memory_format(at::MemoryFormat::Contiguous));
   auto stats = mln_fwd_out_cpu(x, residual, gamma, beta, keep, eps, y);
   return {y, std::get<0>(stats), std::get<1>(stats)};
 }
 
 // dh = rstd·(g − k·(Σg + x̂·Σg·x̂)/c) with g = dy·γ (sums over all channels: pruned outputs depend
 // on the statistics too); dγ = Σ_rows dy·x̂, dβ = Σ_rows dy, reduced per chunk of rows without atomics.
-template <typename T>
-void mln_backward_rows(const LayerNormArgs& a, const T* dy, const at::opmath_type<T>* mean,
-                       const at::opmath_type<T>* rstd, T* dh, at::opmath_type<T>* partial, int64_t n_chunks) {
-  using acc_t = at::opmath_type<T>;
+template <typename T, typename R>
+void mln_backward_rows(const LayerNormArgs& a, const R* dy, const at::opmath_type<R>* mean,
+                       const at::opmath_type<R>* rstd, R* dh, at::opmath_type<R>* partial, int64_t n_chunks) {
+  using acc_t = at::opmath_type<R>;
   const T* x = a.x.data_ptr<T>();
-  const T* r = a.residual.defined() ? a.residual.data_ptr<T>() : nullptr;
+  const R* r = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
   const acc_t* gamma = a.gamma.defined() ? a.gamma.data_ptr<acc_t>() : nullptr;
   const uint8_t* keep = a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr;
   const int64_t n = a.cols, rows = a.rows;
@@ -220,8 +225,8 @@ void mln_backward_rows(const LayerNormArgs& a, const T* dy, const at::opmath_typ
       const int64_t row_end = std::min(rows, (chunk + 1) * per_chunk);
       for (int64_t row = chunk * per_chunk; row < row_end; ++row) {
         const T* xr = x + row * n;
-        const T* rr = r ? r + row * n : nullptr;
-        const T* dyr = dy + row * n;
+        const R* rr = r ? r + row * n : nullptr;
+        const R* dyr = dy + row * n;
         const acc_t mu = mean[row], rs = rstd[row];
         acc_t sum_g = 0, sum_gx = 0;
         for (int64_t j = 0; j < n; ++j) {
@@ -239,10 +244,10 @@ void mln_backward_rows(const LayerNormArgs& a, const T* dy, const at::opmath_typ
         }
         sum_g *= inv_count;
         sum_gx *= inv_count;
-        T* dhr = dh + row * n;
+        R* dhr = dh + row * n;
         for (int64_t j = 0; j < n; ++j) {
           const acc_t corr = (keep && !keep[j]) ? acc_t(0) : sum_g + xhat[j] * sum_gx;
-          dhr[j] = static_cast<T>(rs * (g[j] - corr));
+          dhr[j] = static_cast<R>(rs * (g[j] - corr));
         }
       }
     }
@@ -256,18 +261,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cpu(const at::Tensor& dy,
                                                            const at::Tensor& mean, const at::Tensor& rstd) {
   LayerNormArgs a = prepare_layer_norm(x, residual, gamma, c10::nullopt, keep);
   TORCH_CHECK(dy.sizes() == x.sizes(), "masked_layer_norm_bwd: dy shape ", dy.sizes(), " != x shape ", x.sizes());
-  const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor dy_c = dy.to(x.scalar_type()).contiguous();
+  const auto acc = acc_dtype(a.out_dtype);
+  at::Tensor dy_c = dy.to(a.out_dtype).contiguous();
   at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
   TORCH_CHECK(mean_c.numel() == a.rows && rstd_c.numel() == a.rows, "masked_layer_norm_bwd: mean/rstd must have one "
               "entry per row");
-  at::Tensor dh = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dh = at::empty(x.sizes(), x.options().dtype(a.out_dtype).memory_format(at::MemoryFormat::Contiguous));
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(a.rows, 4 * at::get_num_threads()));
   at::Tensor partial = at::empty({n_chunks, 2, a.cols}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_layer_norm_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    mln_backward_rows<scalar_t>(a, dy_c.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
-                                dh.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), n_chunks);
+  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
+    using T = typename decltype(x_type)::type;
+    using R = typename decltype(r_type)::type;
+    using acc_t = at::opmath_type<R>;
+    mln_backward_rows<T, R>(a, dy_c.data_ptr<R>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
+                            dh.data_ptr<R>(), partial.data_ptr<acc_t>(), n_chunks);
   });
   if (a.rows == 0) partial.zero_();
   // two separate reductions: the outputs must not alias (the schema promises fresh tensors)
@@ -345,6 +352,8 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }  // namespace wid
 
 TORCH_LIBRARY(wid_kernels, m) {
+  // y and dh (the gradient of x + residual) have x's and the residual's promoted dtype; mean, rstd, dγ and dβ
+  // its accumulation dtype (fp32, fp64 for fp64)
   m.def(
       "masked_layer_norm_fwd(Tensor x, Tensor? residual, Tensor? gamma, Tensor? beta, Tensor? keep, float eps) "
       "-> (Tensor y, Tensor mean, Tensor rstd)");

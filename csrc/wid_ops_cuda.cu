@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -70,12 +71,14 @@ __device__ __forceinline__ A row_sum(A v, A* scratch) {
   return warp_sum(lane < n_warps ? mine[lane] : A(0));  // every warp of the row reduces the same partials
 }
 
-// 16-byte vectors when the row length and every base address allow it, else scalar accesses.
-template <typename T>
-int vector_width(int64_t cols, std::initializer_list<const void*> ptrs) {
-  constexpr int kMax = 16 / sizeof(T);
-  if (cols % kMax != 0) return 1;
-  for (const void* p : ptrs)
+// 16-byte vectors of R (the residual's and the outputs' type) when the row length and every base address allow it,
+// else scalar accesses. x (T, at most as wide as R: bf16 beside an fp32 residual) is read in vectors of as many
+// elements, so its base must be aligned to their size.
+template <typename T, typename R>
+int vector_width(int64_t cols, const T* x, std::initializer_list<const R*> wide) {
+  constexpr int kMax = 16 / sizeof(R);
+  if (cols % kMax != 0 || reinterpret_cast<uintptr_t>(x) % (sizeof(T) * kMax) != 0) return 1;
+  for (const R* p : wide)
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
   return kMax;
 }
@@ -105,27 +108,29 @@ int sm_count(int device) {
 // ---------------------------------------------------------------- masked LayerNorm forward
 // blockDim.y rows per block, blockDim.x threads per row. The row is read three times (sum, centred
 // squares, output) but only the first read comes from DRAM: a row is a few KB and stays in L1/L2. With a
-// mask, the kept count comes from the mask bytes the first pass reads anyway.
+// mask, the kept count comes from the mask bytes the first pass reads anyway. T: x's type; R: the residual's
+// and y's (T, or float beside a bf16/fp16 x: autocast's sublayer output added to the fp32 stream).
 
-template <typename T, typename A, int V>
+template <typename T, typename R, typename A, int V>
 __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
-    mln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const A* __restrict__ gamma,
+    mln_fwd_kernel(const T* __restrict__ x, const R* __restrict__ r, const A* __restrict__ gamma,
                                const A* __restrict__ beta, const uint8_t* __restrict__ keep, A inv_cols, A eps,
-                               T* __restrict__ y, A* __restrict__ mean_out, A* __restrict__ rstd_out, int64_t rows,
+                               R* __restrict__ y, A* __restrict__ mean_out, A* __restrict__ rstd_out, int64_t rows,
                                int64_t cols) {
   __shared__ A scratch[kWarp];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t span = row < rows ? cols : 0;  // a missing last row still joins the block's reductions
   const T* xr = x + row * cols;
-  const T* rr = r ? r + row * cols : nullptr;
-  T* yr = y + row * cols;
+  const R* rr = r ? r + row * cols : nullptr;
+  R* yr = y + row * cols;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
 
   A sum = 0, kept = 0;
   for (int64_t c = threadIdx.x * V; c < span; c += stride) {
-    T xv[V], rv[V];
+    T xv[V];
+    R rv[V];
     load_pack<T, V>(xr, c, xv);
-    if (rr) load_pack<T, V>(rr, c, rv);
+    if (rr) load_pack<R, V>(rr, c, rv);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const A h = static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0));
@@ -140,9 +145,10 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
 
   A sq = 0;
   for (int64_t c = threadIdx.x * V; c < span; c += stride) {
-    T xv[V], rv[V];
+    T xv[V];
+    R rv[V];
     load_pack<T, V>(xr, c, xv);
-    if (rr) load_pack<T, V>(rr, c, rv);
+    if (rr) load_pack<R, V>(rr, c, rv);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const A d = static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0)) - mean;
@@ -152,17 +158,18 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
   const A rstd = A(1) / sqrt(row_sum(sq, scratch) * inv_count + eps);
 
   for (int64_t c = threadIdx.x * V; c < span; c += stride) {
-    T xv[V], rv[V], out[V];
+    T xv[V];
+    R rv[V], out[V];
     load_pack<T, V>(xr, c, xv);
-    if (rr) load_pack<T, V>(rr, c, rv);
+    if (rr) load_pack<R, V>(rr, c, rv);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       A v = (static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0)) - mean) * rstd;
       if (gamma) v *= gamma[c + k];
       if (beta) v += beta[c + k];
-      out[k] = static_cast<T>(v);
+      out[k] = static_cast<R>(v);
     }
-    store_pack<T, V>(yr, c, out);
+    store_pack<R, V>(yr, c, out);
   }
   if (threadIdx.x == 0 && row < rows) {
     mean_out[row] = mean;
@@ -175,13 +182,14 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
 // row partial[that]. dh = rstd·(g − k·(Σg + x̂·Σg·x̂)/c), g = dy·γ. Each thread owns the same columns in
 // every row, so its dγ/dβ partials accumulate without atomics or barriers: in shared memory when the
 // slots' 2·cols fit, else in the slot's row of the global partial buffer (reduced by torch). All slots
-// of a block step through rows together (block-uniform trip count: the reductions synchronise).
+// of a block step through rows together (block-uniform trip count: the reductions synchronise). dy and dh have
+// the residual's type R, x its own, T (as in the forward).
 
-template <typename T, typename A, int V>
+template <typename T, typename R, typename A, int V>
 __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
-    mln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
+    mln_bwd_kernel(const R* __restrict__ dy, const T* __restrict__ x, const R* __restrict__ r,
                                const A* __restrict__ gamma, const uint8_t* __restrict__ keep, A inv_cols,
-                               const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ dh,
+                               const A* __restrict__ mean, const A* __restrict__ rstd, R* __restrict__ dh,
                                A* __restrict__ partial, int64_t rows, int64_t cols, bool shared_acc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ A scratch[kWarp];
@@ -207,15 +215,16 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
     const int64_t row = base + threadIdx.y;
     const int64_t span = row < rows ? cols : 0;
     const T* xr = x + row * cols;
-    const T* rr = r ? r + row * cols : nullptr;
-    const T* dyr = dy + row * cols;
+    const R* rr = r ? r + row * cols : nullptr;
+    const R* dyr = dy + row * cols;
     const A mu = span ? mean[row] : A(0), rs = span ? rstd[row] : A(0);
     A sum_g = 0, sum_gx = 0;
     for (int64_t c = threadIdx.x * V; c < span; c += stride) {
-      T xv[V], rv[V], dv[V];
+      T xv[V];
+      R rv[V], dv[V];
       load_pack<T, V>(xr, c, xv);
-      load_pack<T, V>(dyr, c, dv);
-      if (rr) load_pack<T, V>(rr, c, rv);
+      load_pack<R, V>(dyr, c, dv);
+      if (rr) load_pack<R, V>(rr, c, rv);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const A xh = (static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0)) - mu) * rs;
@@ -229,21 +238,22 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
     }
     sum_g = row_sum(sum_g, scratch) * inv_count;
     sum_gx = row_sum(sum_gx, scratch) * inv_count;
-    T* dhr = dh + row * cols;
+    R* dhr = dh + row * cols;
     for (int64_t c = threadIdx.x * V; c < span; c += stride) {
-      T xv[V], rv[V], dv[V], out[V];
+      T xv[V];
+      R rv[V], dv[V], out[V];
       load_pack<T, V>(xr, c, xv);
-      load_pack<T, V>(dyr, c, dv);
-      if (rr) load_pack<T, V>(rr, c, rv);
+      load_pack<R, V>(dyr, c, dv);
+      if (rr) load_pack<R, V>(rr, c, rv);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const A xh = (static_cast<A>(xv[k]) + (rr ? static_cast<A>(rv[k]) : A(0)) - mu) * rs;
         const A d = static_cast<A>(dv[k]);
         const A g = gamma ? d * gamma[c + k] : d;
         const A corr = (keep && !keep[c + k]) ? A(0) : sum_g + xh * sum_gx;
-        out[k] = static_cast<T>(rs * (g - corr));
+        out[k] = static_cast<R>(rs * (g - corr));
       }
-      store_pack<T, V>(dhr, c, out);
+      store_pack<R, V>(dhr, c, out);
     }
   }
   if (shared_acc) {
@@ -272,25 +282,28 @@ std::tuple<at::Tensor, at::Tensor> mln_fwd_out_cuda(const at::Tensor& x, const c
                                                     const c10::optional<at::Tensor>& keep, double eps, at::Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
   LayerNormArgs a = prepare_layer_norm(x, residual, gamma, beta, keep, /*host_count=*/false);
-  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.is_contiguous() &&
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == a.out_dtype && y.is_contiguous() &&
                   y.device() == x.device(),
-              "masked_layer_norm: out must be a contiguous tensor of x's shape, dtype and device");
-  auto stats = x.options().dtype(acc_dtype(x.scalar_type()));
+              "masked_layer_norm: out must be a contiguous tensor of x's shape and device, in x's and the residual's "
+              "promoted dtype");
+  auto stats = x.options().dtype(acc_dtype(a.out_dtype));
   at::Tensor mean = at::empty({a.rows}, stats), rstd = at::empty({a.rows}, stats);
   if (a.rows == 0) return {mean, rstd};
   TORCH_CHECK(a.rows <= INT32_MAX, "masked_layer_norm: too many rows for one launch");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_layer_norm_fwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const scalar_t* xp = a.x.data_ptr<scalar_t>();
-    const scalar_t* rp = a.residual.defined() ? a.residual.data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const int vec = vector_width<scalar_t>(a.cols, {xp, rp, yp});
-    with_vector_width<16 / sizeof(scalar_t)>(vec, [&](auto v) {
+  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
+    using T = typename decltype(x_type)::type;
+    using R = typename decltype(r_type)::type;
+    using A = at::opmath_type<R>;
+    const T* xp = a.x.data_ptr<T>();
+    const R* rp = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
+    R* yp = y.data_ptr<R>();
+    const int vec = vector_width<T, R>(a.cols, xp, {rp, yp});
+    with_vector_width<16 / sizeof(R)>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
       const dim3 block = row_block(a.cols, V);
       const int64_t blocks = (a.rows + block.y - 1) / block.y;
-      mln_fwd_kernel<scalar_t, A, V><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+      mln_fwd_kernel<T, R, A, V><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
           xp, rp, a.gamma.defined() ? a.gamma.data_ptr<A>() : nullptr,
           a.beta.defined() ? a.beta.data_ptr<A>() : nullptr, a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr,
           static_cast<A>(a.inv_count), static_cast<A>(eps), yp, mean.data_ptr<A>(), rstd.data_ptr<A>(), a.rows, a.cols);
@@ -305,9 +318,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd_cuda(const at::Tensor& x,
                                                             const c10::optional<at::Tensor>& gamma,
                                                             const c10::optional<at::Tensor>& beta,
                                                             const c10::optional<at::Tensor>& keep, double eps) {
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(x.sizes(), x.options()
+                                          .dtype(layer_norm_out_dtype(x, residual))
+                                          .memory_format(at::MemoryFormat::Contiguous));
   auto stats = mln_fwd_out_cuda(x, residual, gamma, beta, keep, eps, y);
   return {y, std::get<0>(stats), std::get<1>(stats)};
+}
+
+// Resident blocks per SM of one backward instantiation at one block shape: a host query, asked once per
+// (device, kernel, shape) rather than on every call.
+int resident_blocks(const void* kernel, int device, int threads, size_t shared_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, threads, shared_bytes);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shared_bytes));
+  return cache[key] = std::max(per_sm, 1);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
@@ -318,43 +347,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
   c10::cuda::CUDAGuard guard(x.device());
   LayerNormArgs a = prepare_layer_norm(x, residual, gamma, c10::nullopt, keep, /*host_count=*/false);
   TORCH_CHECK(dy.sizes() == x.sizes(), "masked_layer_norm_bwd: dy shape ", dy.sizes(), " != x shape ", x.sizes());
-  const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor dy_c = dy.to(x.scalar_type()).contiguous();
+  const auto acc = acc_dtype(a.out_dtype);
+  at::Tensor dy_c = dy.to(a.out_dtype).contiguous();
   at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
   TORCH_CHECK(mean_c.numel() == a.rows && rstd_c.numel() == a.rows,
               "masked_layer_norm_bwd: mean/rstd must have one entry per row");
-  at::Tensor dh = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dh = at::empty(x.sizes(), x.options().dtype(a.out_dtype).memory_format(at::MemoryFormat::Contiguous));
   if (a.rows == 0 || a.cols == 0) {
     at::Tensor zeros = at::zeros({a.cols}, x.options().dtype(acc));
     return {dh, zeros, zeros.clone()};
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_layer_norm_bwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const scalar_t* xp = a.x.data_ptr<scalar_t>();
-    const scalar_t* rp = a.residual.defined() ? a.residual.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* dyp = dy_c.data_ptr<scalar_t>();
-    scalar_t* dhp = dh.data_ptr<scalar_t>();
-    const int vec = vector_width<scalar_t>(a.cols, {xp, rp, dyp, dhp});
-    with_vector_width<16 / sizeof(scalar_t)>(vec, [&](auto v) {
+  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
+    using T = typename decltype(x_type)::type;
+    using R = typename decltype(r_type)::type;
+    using A = at::opmath_type<R>;
+    const T* xp = a.x.data_ptr<T>();
+    const R* rp = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
+    const R* dyp = dy_c.data_ptr<R>();
+    R* dhp = dh.data_ptr<R>();
+    const int vec = vector_width<T, R>(a.cols, xp, {rp, dyp, dhp});
+    with_vector_width<16 / sizeof(R)>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
       const dim3 block = row_block(a.cols, V);
       const size_t acc_bytes = 2 * static_cast<size_t>(a.cols) * block.y * sizeof(A);
       const bool shared_acc = acc_bytes <= 32 * 1024;
       // as many persistent blocks as can be resident at once (registers, shared memory), no more than
       // the rows need: each extra block costs a row of partials
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, mln_bwd_kernel<scalar_t, A, V>, static_cast<int>(block.x * block.y), shared_acc ? acc_bytes : 0));
+      const int device = x.get_device();
+      const int per_sm = resident_blocks(reinterpret_cast<const void*>(&mln_bwd_kernel<T, R, A, V>), device,
+                                         static_cast<int>(block.x * block.y), shared_acc ? acc_bytes : 0);
       // ... and at least ~16 rows per slot once the GPU is full, so the partials stay small next to dy and x
-      const int sms = sm_count(x.get_device());
+      const int sms = sm_count(device);
       const int64_t needed = (a.rows + block.y - 1) / block.y;
       const int64_t worth = std::max<int64_t>(sms, (a.rows + 16 * block.y - 1) / (16 * block.y));
-      const int blocks = static_cast<int>(
-          std::min<int64_t>({needed, worth, static_cast<int64_t>(std::max(per_sm, 1)) * sms}));
+      const int blocks = static_cast<int>(std::min<int64_t>({needed, worth, static_cast<int64_t>(per_sm) * sms}));
       partial = at::empty({static_cast<int64_t>(blocks) * block.y, 2, a.cols}, x.options().dtype(acc));
-      mln_bwd_kernel<scalar_t, A, V><<<blocks, block, shared_acc ? acc_bytes : 0, stream>>>(
+      mln_bwd_kernel<T, R, A, V><<<blocks, block, shared_acc ? acc_bytes : 0, stream>>>(
           dyp, xp, rp, a.gamma.defined() ? a.gamma.data_ptr<A>() : nullptr,
           a.keep.defined() ? a.keep.data_ptr<uint8_t>() : nullptr, static_cast<A>(a.inv_count), mean_c.data_ptr<A>(),
           rstd_c.data_ptr<A>(), dhp, partial.data_ptr<A>(), a.rows, a.cols, shared_acc);

@@ -61,6 +61,9 @@ def test_the_extensions_cuda_kernels_are_listed_when_it_has_them(report):
     if getattr(_C, "cuda_built", False):  # built with CUDA here (CI builds for 8.0;9.0)
         assert {row["op"] for row in cuda_rows} == {"masked_layer_norm", "wid_adamw_multi_tensor"}
         assert {row["dtype"] for row in cuda_rows} == {"bf16", "fp16", "fp32"}
+        # autocast's LayerNorm: a half-precision x beside the fp32 residual stream, added inside the kernels
+        mixed = {(row["kernel"], row["dtype"]) for row in cuda_rows if "fp32 residual" in row["variant"]}
+        assert mixed == {(k, d) for k in ("mln_fwd_kernel", "mln_bwd_kernel") for d in ("bf16", "fp16")}
     else:
         assert cuda_rows == []
 

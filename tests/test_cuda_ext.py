@@ -64,13 +64,20 @@ def test_extension_imports():
 # ------------------------------------------------------------------------------------------ masked LayerNorm
 
 
-def _ln_inputs(shape, dtype, keep_kind, with_residual, device="cpu", seed=0):
+# (x dtype, residual dtype): the autocast pairs the kernels add themselves, and pairs the op casts to the promoted dtype
+MIXED_LN_DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                   (torch.float16, torch.bfloat16)]
+
+
+def _ln_inputs(shape, dtype, keep_kind, with_residual, device="cpu", seed=0, residual_dtype=None):
+    """x, γ, β in `dtype`; the residual in `residual_dtype` (default `dtype`); dy in their promoted dtype (y's)."""
     generator = torch.Generator().manual_seed(seed + sum(shape))
-    make = lambda *s: (torch.randn(*s, generator=generator, dtype=torch.float64) * 2 + 0.5).to(dtype).to(device)
+    make = lambda *s, dt=dtype: (torch.randn(*s, generator=generator, dtype=torch.float64) * 2 + 0.5).to(dt).to(device)
     width = shape[-1]
     x, gamma, beta = make(*shape), make(width), make(width)
-    residual = make(*shape) if with_residual else None
-    dy = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).to(device)
+    residual = make(*shape, dt=residual_dtype or dtype) if with_residual else None
+    out_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+    dy = torch.randn(*shape, generator=generator, dtype=torch.float64).to(out_dtype).to(device)
     return x, residual, gamma, beta, _keep(width, keep_kind, generator, device), dy
 
 
@@ -87,16 +94,18 @@ def _ln_tolerance(dtype, keep):
     return 2e-5 if dtype == torch.float64 and keep is not None else TOLERANCE[dtype]
 
 
-def _check_ln_ops(shape, dtype, keep_kind, with_residual, device):
-    x, residual, gamma, beta, keep, dy = _ln_inputs(shape, dtype, keep_kind, with_residual, device)
+def _check_ln_ops(shape, x_dtype, keep_kind, with_residual, device, residual_dtype=None):
+    x, residual, gamma, beta, keep, dy = _ln_inputs(shape, x_dtype, keep_kind, with_residual, device,
+                                                    residual_dtype=residual_dtype)
     y_ref, (dx_ref, dr_ref, dg_ref, db_ref) = _ln_expected(x, residual, gamma, beta, keep, dy)
+    dtype = dy.dtype  # y's and dh's: x's and the residual's promoted; one rounding of each from exact inputs
     tol = _ln_tolerance(dtype, keep)
 
     y, mean, rstd = ops.masked_layer_norm_fwd(x, residual, gamma, beta, keep, 1e-5)
     assert y.dtype == dtype and mean.shape == rstd.shape == (x.numel() // shape[-1],)
     _close(y.cpu(), y_ref, dtype, "y", tol)
 
-    poisoned = torch.full_like(x, float("nan"))  # every element must be written
+    poisoned = torch.full_like(x, float("nan"), dtype=dtype)  # every element must be written
     mean2, rstd2 = ops.masked_layer_norm_fwd_out(x, residual, gamma, beta, keep, 1e-5, poisoned)
     _close(poisoned.cpu(), y_ref, dtype, "y (out=)", tol)
     assert torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
@@ -117,6 +126,30 @@ def _check_ln_ops(shape, dtype, keep_kind, with_residual, device):
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_cpu_masked_layer_norm_ops_match_reference(shape, dtype, keep_kind, with_residual):
     _check_ln_ops(shape, dtype, keep_kind, with_residual, "cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("x_dtype,residual_dtype", MIXED_LN_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (17, 128)])
+@pytest.mark.parametrize("keep_kind", ["none", "scattered"])
+def test_cpu_masked_layer_norm_ops_take_a_residual_of_another_dtype(shape, x_dtype, residual_dtype, keep_kind):
+    """y and dh in the promoted dtype, computed from the inputs as they are (no rounding of x or the residual)."""
+    _check_ln_ops(shape, x_dtype, keep_kind, True, "cpu", residual_dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("x_dtype,residual_dtype", MIXED_LN_DTYPES)
+def test_cpu_masked_layer_norm_mixed_dtypes_give_each_gradient_its_input_dtype(x_dtype, residual_dtype):
+    x, residual, gamma, beta, keep, dy = _ln_inputs((6, 32), x_dtype, "scattered", True, residual_dtype=residual_dtype)
+    leaves = [t.requires_grad_() for t in (x, residual, gamma, beta)]
+    y = cuda_ext.masked_layer_norm(x, residual, gamma, beta, keep, 1e-5)
+    assert y.dtype == dy.dtype
+    y.backward(dy)
+    y_ref, grads_ref = _ln_expected(x, residual, gamma, beta, keep, dy)
+    _close(y.detach(), y_ref, y.dtype, "y")
+    for name, leaf, expected in zip(("dx", "dresidual", "dgamma", "dbeta"), leaves, grads_ref):
+        assert leaf.grad.dtype == leaf.dtype, name
+        _close(leaf.grad, expected, leaf.dtype, name)
 
 
 @needs_ext
@@ -153,8 +186,11 @@ def test_masked_layer_norm_leaves_statistics_to_kept_channels():
 
 @needs_ext
 def test_masked_layer_norm_falls_back_for_what_the_kernels_do_not_take():
-    x = torch.randn(4, 9)
-    residual = torch.randn(4, 9, dtype=torch.float64)  # mixed dtypes: the reference promotes
+    x, keep = torch.randn(4, 9), torch.arange(9) % 2 == 0
+    residual = torch.randn(4, 9, dtype=torch.float64)  # promoted to fp64 with a mask: the reference's fp32 case
+    y = cuda_ext.masked_layer_norm(x, residual, None, None, keep, 1e-5)
+    torch.testing.assert_close(y, reference.masked_layer_norm(x, residual, None, None, keep, 1e-5))
+    residual = torch.randn(4, 1)  # broadcast: the kernels take equal shapes only
     y = cuda_ext.masked_layer_norm(x, residual, None, None, None, 1e-5)
     torch.testing.assert_close(y, reference.masked_layer_norm(x, residual, None, None, None, 1e-5))
 
@@ -273,11 +309,12 @@ def test_cpu_wid_adamw_falls_back_for_non_contiguous_and_3d():
 
 
 @needs_ext
-def test_opcheck_masked_layer_norm_ops():
-    x, residual, gamma, beta, keep, dy = _ln_inputs((3, 11), torch.float32, "scattered", True)
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_opcheck_masked_layer_norm_ops(x_dtype, residual_dtype):
+    x, residual, gamma, beta, keep, dy = _ln_inputs((3, 11), x_dtype, "scattered", True, residual_dtype=residual_dtype)
     torch.library.opcheck(ops.masked_layer_norm_fwd.default, (x, residual, gamma, beta, keep, 1e-5))
     torch.library.opcheck(ops.masked_layer_norm_fwd_out.default, (x, residual, gamma, beta, keep, 1e-5,
-                                                                  torch.empty_like(x)))
+                                                                  torch.empty_like(x, dtype=dy.dtype)))
     _, mean, rstd = ops.masked_layer_norm_fwd(x, residual, gamma, beta, keep, 1e-5)
     torch.library.opcheck(ops.masked_layer_norm_bwd.default, (dy, x, residual, gamma, keep, mean, rstd))
 
@@ -316,18 +353,31 @@ def test_gpu_masked_layer_norm_ops_match_reference(shape, dtype, keep_kind, with
     _check_ln_ops(shape, dtype, keep_kind, with_residual, "cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype,residual_dtype", MIXED_LN_DTYPES)
+# 768: 4-element vectors (8-byte x loads beside 16-byte fp32 ones); 45: scalar; (1001, 96): rows sharing a block
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 3, 45), (64, 768), (1001, 96), (3, 4100)])
+@pytest.mark.parametrize("keep_kind", ["none", "scattered"])
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_masked_layer_norm_misaligned_rows_take_the_scalar_path(dtype):
-    x, residual, gamma, beta, keep, dy = _ln_inputs((9, 257), dtype, "scattered", True, "cuda")
-    x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(9, 257)  # storage offset 1: not 16-byte aligned
+def test_gpu_masked_layer_norm_ops_take_a_residual_of_another_dtype(shape, x_dtype, residual_dtype, keep_kind):
+    _check_ln_ops(shape, x_dtype, keep_kind, True, "cuda", residual_dtype)
+
+
+@pytest.mark.parametrize("dtype,residual_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                   (torch.bfloat16, torch.float32)])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_masked_layer_norm_misaligned_rows_take_the_scalar_path(dtype, residual_dtype):
+    # 256 columns would take vectors; x at storage offset 1 is not aligned to them
+    x, residual, gamma, beta, keep, dy = _ln_inputs((9, 256), dtype, "scattered", True, "cuda",
+                                                    residual_dtype=residual_dtype)
+    x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(9, 256)
     _check = _ln_expected(x, residual, gamma, beta, keep, dy)
     y, mean, rstd = ops.masked_layer_norm_fwd(x, residual, gamma, beta, keep, 1e-5)
-    _close(y.cpu(), _check[0], dtype, "y")
+    _close(y.cpu(), _check[0], y.dtype, "y")
     dh, dgamma, dbeta = ops.masked_layer_norm_bwd(dy, x, residual, gamma, keep, mean, rstd)
-    _close(dh.cpu(), _check[1][0], dtype, "dx")
-    _close(dgamma.cpu(), _check[1][2], dtype, "dgamma")
+    _close(dh.cpu(), _check[1][0], dh.dtype, "dx")
+    _close(dgamma.cpu(), _check[1][2], dh.dtype, "dgamma")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -223,6 +223,12 @@ def _cuda_kernel(mangled: str) -> tuple[str, str, str | None, int | None]:
     return name, op, dtype, int(width.group(1)) if width else None
 
 
+def _fp32_beside_half(mangled: str) -> bool:
+    """A LayerNorm kernel taking a bf16/fp16 x with an fp32 residual: its second template argument is `f` (the
+    same-dtype kernels repeat the first one as a substitution, `S3_`)."""
+    return re.search(r"mln_\w+?_kernelIN3c10\d+(BFloat16|Half)Ef", mangled) is not None
+
+
 CUDA_OPS = (("mln_", "masked_layer_norm"), ("adamw", "wid_adamw_multi_tensor"))
 
 
@@ -244,7 +250,9 @@ def cuda_report(arch: int) -> list[dict]:
         if op is None or dtype is None:
             continue
         rows.append(dict(kernel=kernel, op=op, dtype=dtype, registers=registers, spills=local, shared_bytes=shared,
-                         tensor_cores=tensor_cores, variant=f"{width} elements per vector access" if width else mangled,
+                         tensor_cores=tensor_cores,
+                         variant=(f"{width} elements per vector access" if width else mangled)
+                         + ("; fp32 residual and outputs" if _fp32_beside_half(mangled) else ""),
                          source="cuda"))
     return rows
 

@@ -59,11 +59,12 @@ def _linear_like(op, device, dtype, generator, fold: bool):
 
 
 def _layer_norm(op, device, dtype, generator):
-    """Without a residual, with one of x's dtype and, for half-precision x, with an fp32 one (autocast's case)."""
-    width = 9
-    keep = torch.tensor([True, False, True, True, True, False, True, False, True], device=device)
+    """Without a residual, with one of x's dtype and, for half-precision x, with an fp32 one (autocast's case);
+    9 channels (scalar accesses) and 16 (a kernel's vector path, for every dtype's vector width)."""
     pairs = []
-    for residual_dtype in (None, dtype, *([torch.float32] if dtype in (torch.bfloat16, torch.float16) else [])):
+    residual_dtypes = (None, dtype, *([torch.float32] if dtype in (torch.bfloat16, torch.float16) else []))
+    for width, residual_dtype in ((w, r) for w in (9, 16) for r in residual_dtypes):
+        keep = (torch.arange(width, device=device) % 4 != 1) & (torch.arange(width, device=device) != width - 2)
         x, gamma, beta = (_make(generator, device, dtype, *s, grad=True) for s in ((3, 4, width), (width,), (width,)))
         residual = None if residual_dtype is None else _make(generator, device, residual_dtype, 3, 4, width, grad=True)
         inputs = [t for t in (x, residual, gamma, beta) if t is not None]
@@ -74,7 +75,7 @@ def _layer_norm(op, device, dtype, generator):
         grads = torch.autograd.grad(y, inputs, seed.to(device=device, dtype=y.dtype))
         expected_grads = torch.autograd.grad(expected, [t for t in ref_inputs if t is not None], seed)
         names = [n for n, t in zip(("dx", "dresidual", "dgamma", "dbeta"), (x, residual, gamma, beta)) if t is not None]
-        with_what = "" if residual is None else f" (residual {str(residual_dtype).replace('torch.', '')})"
+        with_what = f" ({width} channels" + ("" if residual is None else f", residual {str(residual_dtype)[6:]}") + ")"
         pairs += [(f"output{with_what}", y, expected)]
         pairs += [(name + with_what, g, e) for name, g, e in zip(names, grads, expected_grads)]
     return pairs

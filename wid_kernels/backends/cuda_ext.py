@@ -5,8 +5,8 @@ built with CUDA (`wid_kernels._C.cuda_built`). Importing raises ImportError with
 extension is missing or broken, so the dispatcher reports the backend unavailable and falls back.
 Ops not defined here (compacted_linear, fold) fall back to the reference.
 
-Tensors a kernel cannot take (mixed dtypes, an unsupported dtype or device, a CUDA tensor without
-CUDA kernels, > 2-D optimizer tensors) go to the reference, so every call is correct.
+Tensors a kernel cannot take (an unsupported dtype or device, a CUDA tensor without CUDA kernels, mixed
+optimizer dtypes, > 2-D optimizer tensors) go to the reference, so every call is correct.
 """
 from __future__ import annotations
 
@@ -53,26 +53,32 @@ def _rows(x):
     return math.prod(x.shape[:-1]) if x.dim() else 1
 
 
+def _out_dtype(x, residual):
+    """y's and dh's dtype: x's and the residual's promoted (the reference's x + residual)."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 @torch.library.register_fake("wid_kernels::masked_layer_norm_fwd")
 def _mln_fwd_fake(x, residual, gamma, beta, keep, eps):
-    rows = _rows(x)
-    stats = _stats_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(rows, dtype=stats),
+    rows, out = _rows(x), _out_dtype(x, residual)
+    stats = _stats_dtype(out)
+    return (torch.empty_like(x, dtype=out, memory_format=torch.contiguous_format), x.new_empty(rows, dtype=stats),
             x.new_empty(rows, dtype=stats))
 
 
 @torch.library.register_fake("wid_kernels::masked_layer_norm_fwd_out")
 def _mln_fwd_out_fake(x, residual, gamma, beta, keep, eps, y):
     rows = _rows(x)
-    stats = _stats_dtype(x.dtype)
+    stats = _stats_dtype(_out_dtype(x, residual))
     return x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @torch.library.register_fake("wid_kernels::masked_layer_norm_bwd")
 def _mln_bwd_fake(dy, x, residual, gamma, keep, mean, rstd):
-    stats = _stats_dtype(x.dtype)
+    out = _out_dtype(x, residual)
+    stats = _stats_dtype(out)
     cols = x.shape[-1]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(cols, dtype=stats),
+    return (torch.empty_like(x, dtype=out, memory_format=torch.contiguous_format), x.new_empty(cols, dtype=stats),
             x.new_empty(cols, dtype=stats))
 
 
@@ -93,16 +99,16 @@ class MaskedLayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, gamma, beta, keep, eps):
         y, mean, rstd = _ops.masked_layer_norm_fwd(x, residual, gamma, beta, keep, float(eps))
         ctx.save_for_backward(x, residual, gamma, keep, mean, rstd)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (residual, gamma, beta))
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, residual, gamma, beta))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, residual, gamma, keep, mean, rstd = ctx.saved_tensors
         dh, dgamma, dbeta = _ops.masked_layer_norm_bwd(dy, x, residual, gamma, keep, mean, rstd)
-        r_dtype, g_dtype, b_dtype = ctx.dtypes
+        x_dtype, r_dtype, g_dtype, b_dtype = ctx.dtypes
         need_x, need_r, need_g, need_b = ctx.needs_input_grad[:4]
-        return (dh if need_x else None,
+        return (dh.to(x_dtype) if need_x else None,
                 dh.to(r_dtype) if need_r else None,
                 dgamma.to(g_dtype) if need_g and g_dtype is not None else None,
                 dbeta.to(b_dtype) if need_b and b_dtype is not None else None,
@@ -114,15 +120,13 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
 
     fp64 with a keep mask goes to the reference, which defines that case in fp32 (`h.float()`); the
     kernels would compute it in fp64 and so differ from the source of truth by fp32 rounding. x and a residual
-    of the same shape in different dtypes (a bf16 x with the fp32 stream under autocast) are both cast to the
-    promoted dtype first (the kernels take one dtype): the sum the reference computes.
+    of the same shape may differ in dtype: a bf16/fp16 x (a sublayer's output under autocast) is added to an fp32
+    residual stream inside the kernels, other pairs are cast to the promoted dtype by the op; y has the promoted
+    dtype, the gradients their inputs' dtypes (the reference's x + residual).
     """
-    if (residual is not None and residual.dtype != x.dtype and residual.shape == x.shape
-            and x.is_floating_point() and residual.is_floating_point()):
-        promoted = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(promoted), residual.to(promoted)
-    if (x.dtype not in _KERNEL_DTYPES or (x.dtype == torch.float64 and keep is not None) or not _runs_here(x.device) or x.dim() == 0
-            or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))
+    if (any(t is not None and t.dtype not in _KERNEL_DTYPES for t in (x, residual)) or x.dim() == 0
+            or (_out_dtype(x, residual) == torch.float64 and keep is not None) or not _runs_here(x.device)
+            or (residual is not None and residual.shape != x.shape)
             or any(t is not None and t.device != x.device for t in (residual, gamma, beta, keep))):
         return reference.masked_layer_norm(x, residual, gamma, beta, keep, eps)
     return MaskedLayerNormFunction.apply(x, residual, gamma, beta, keep, eps)

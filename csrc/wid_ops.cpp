@@ -182,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor> mln_fwd_out_cpu(const at::Tensor& x, const c1
               "promoted dtype");
   auto stats = x.options().dtype(acc_dtype(a.out_dtype));
   at::Tensor mean = at::empty({a.rows}, stats), rstd = at::empty({a.rows}, stats);
-  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
-    using T = typename decltype(x_type)::type;
-    using R = typename decltype(r_type)::type;
+  dispatch_layer_norm(a, [&](auto xp, auto rp) {
+    using T = pointee_t<decltype(xp)>;
+    using R = pointee_t<decltype(rp)>;
     using acc_t = at::opmath_type<R>;
     mln_forward_rows<T, R>(a, eps, y.data_ptr<R>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
   });
@@ -269,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cpu(const at::Tensor& dy,
   at::Tensor dh = at::empty(x.sizes(), x.options().dtype(a.out_dtype).memory_format(at::MemoryFormat::Contiguous));
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(a.rows, 4 * at::get_num_threads()));
   at::Tensor partial = at::empty({n_chunks, 2, a.cols}, x.options().dtype(acc));
-  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
-    using T = typename decltype(x_type)::type;
-    using R = typename decltype(r_type)::type;
+  dispatch_layer_norm(a, [&](auto xp, auto rp) {
+    using T = pointee_t<decltype(xp)>;
+    using R = pointee_t<decltype(rp)>;
     using acc_t = at::opmath_type<R>;
     mln_backward_rows<T, R>(a, dy_c.data_ptr<R>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
                             dh.data_ptr<R>(), partial.data_ptr<acc_t>(), n_chunks);

@@ -43,26 +43,26 @@ LayerNormArgs prepare_layer_norm(const at::Tensor& x, const c10::optional<at::Te
                                  const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
                                  const c10::optional<at::Tensor>& keep, bool host_count = true);
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(TypeTag<x's element type>{}, TypeTag<the residual's and the outputs' element type>{}) for the dtype
-// pairs prepare_layer_norm leaves: one dtype throughout, or a bf16/fp16 x with an fp32 residual.
+// Calls f(x's data as const T*, the residual's as const R* or a null one) for the dtype pairs prepare_layer_norm
+// leaves: one dtype throughout (R = T), or a bf16/fp16 x with an fp32 residual (R = float). y and dh are R.
 template <typename F>
 void dispatch_layer_norm(const LayerNormArgs& a, F&& f) {
   const bool wider_residual = a.residual.defined() && a.residual.scalar_type() != a.x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "masked_layer_norm", [&] {
+    const scalar_t* x = a.x.data_ptr<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
       if (wider_residual) {
-        f(TypeTag<scalar_t>{}, TypeTag<float>{});
+        f(x, static_cast<const float*>(a.residual.data_ptr<float>()));
         return;
       }
     }
-    f(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    f(x, static_cast<const scalar_t*>(a.residual.defined() ? a.residual.data_ptr<scalar_t>() : nullptr));
   });
 }
+
+// The element type behind a pointer the dispatch passes.
+template <typename P>
+using pointee_t = std::remove_cv_t<std::remove_pointer_t<P>>;
 
 // One tensor of the WID-AdamW step, validated: all four same dtype/shape/device, contiguous, <= 2-D.
 struct AdamwItem {

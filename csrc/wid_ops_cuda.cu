@@ -291,12 +291,10 @@ std::tuple<at::Tensor, at::Tensor> mln_fwd_out_cuda(const at::Tensor& x, const c
   if (a.rows == 0) return {mean, rstd};
   TORCH_CHECK(a.rows <= INT32_MAX, "masked_layer_norm: too many rows for one launch");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
-    using T = typename decltype(x_type)::type;
-    using R = typename decltype(r_type)::type;
+  dispatch_layer_norm(a, [&](auto xp, auto rp) {
+    using T = pointee_t<decltype(xp)>;
+    using R = pointee_t<decltype(rp)>;
     using A = at::opmath_type<R>;
-    const T* xp = a.x.data_ptr<T>();
-    const R* rp = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
     R* yp = y.data_ptr<R>();
     const int vec = vector_width<T, R>(a.cols, xp, {rp, yp});
     with_vector_width<16 / sizeof(R)>(vec, [&](auto v) {
@@ -359,12 +357,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial;
-  dispatch_layer_norm(a, [&](auto x_type, auto r_type) {
-    using T = typename decltype(x_type)::type;
-    using R = typename decltype(r_type)::type;
+  dispatch_layer_norm(a, [&](auto xp, auto rp) {
+    using T = pointee_t<decltype(xp)>;
+    using R = pointee_t<decltype(rp)>;
     using A = at::opmath_type<R>;
-    const T* xp = a.x.data_ptr<T>();
-    const R* rp = a.residual.defined() ? a.residual.data_ptr<R>() : nullptr;
     const R* dyp = dy_c.data_ptr<R>();
     R* dhp = dh.data_ptr<R>();
     const int vec = vector_width<T, R>(a.cols, xp, {rp, dyp, dhp});

@@ -91,7 +91,11 @@ def write_sentence_files(teacher_dir, student_dir, hidden_size: int) -> bool:
         source = teacher_dir / folder
         if _kind(module) == "Pooling":
             config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
-            config["word_embedding_dimension"] = hidden_size
+            # sentence-transformers < 5 names the width word_embedding_dimension, later ones embedding_dimension:
+            # set the one the teacher wrote (the older when neither), so the student reports its own width
+            width_keys = [k for k in ("word_embedding_dimension", "embedding_dimension") if k in config]
+            for key in width_keys or ["word_embedding_dimension"]:
+                config[key] = hidden_size
             config.setdefault("pooling_mode_mean_tokens", True)
             (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         elif source.is_dir():

@@ -31,6 +31,9 @@ def _with(argv, flag, value):
     ("--save_widths", "0", "--save_widths takes fractions"),
     ("--kd_alpha", "1.5", "--kd_alpha in [0, 1]"),
     ("--kd_temperature", "0", "--kd_temperature must be positive"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1"),
+    ("--learning_rate", "-1", "--learning_rate must be positive"),
 ])
 def test_a_nonsense_number_is_refused_before_anything_is_written(files, tmp_path, capsys, flag, value, fragment):
     out = tmp_path / "out"
@@ -38,6 +41,17 @@ def test_a_nonsense_number_is_refused_before_anything_is_written(files, tmp_path
     assert main(["distill", *argv]) == 2
     error = capsys.readouterr().err.strip()
     assert fragment in error and len(error.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("epochs", ["0", "-2"])
+def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
+    out = tmp_path / "out"
+    argv = distill_argv(files["teacher"], files["corpus"], out)
+    del argv[argv.index("--max_steps"):argv.index("--max_steps") + 2]
+    assert main(["distill", *argv, "--num_train_epochs", epochs]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--num_train_epochs must be positive" in error and len(error.splitlines()) == 1
     assert not out.exists()
 
 

@@ -117,6 +117,30 @@ def test_a_resume_with_another_teacher_is_refused(files, tmp_path, capsys):
     assert "its weights differ" in _one_line(capsys)
 
 
+def test_a_resume_on_other_data_is_refused(files, tmp_path, capsys):
+    """The checkpoint's data stream (corpus, sequence length) is part of an exact resume."""
+    run = _copy_run(files, tmp_path)
+    checkpoint = str(run / "checkpoints" / "checkpoint-6")
+    other = write_corpus(tmp_path / "other.txt", seed=3)
+    argv = ["distill", *distill_argv(files["teacher"], other, run), "--resume_from_checkpoint", checkpoint]
+    assert main(argv) == 2
+    error = _one_line(capsys)
+    assert f"--corpus {files['corpus']} (now {other})" in error
+    argv = _argv(files, run, "--resume_from_checkpoint", checkpoint)
+    argv[argv.index("--max_seq_length") + 1] = "48"
+    assert main(argv) == 2
+    assert "--max_seq_length 32 (now 48)" in _one_line(capsys)
+
+
+def test_a_resume_of_a_finished_run_is_refused_not_trained_past_max_steps(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert main(_argv(files, run, "--resume_from_checkpoint", str(run))) == 2
+    error = _one_line(capsys)
+    assert "checkpoint-12 is at step 12, already at --max_steps 12: that run is finished" in error and "wid export" in error
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
 def test_a_resume_takes_the_learning_rate_given_now(files, tmp_path, capsys):
     run = _copy_run(files, tmp_path)
     argv = _argv(files, run, "--resume_from_checkpoint", str(run / "checkpoints" / "checkpoint-6"))

@@ -37,6 +37,16 @@ def test_presets_scale_to_other_teachers():
     assert wid55.target_hidden % 12 == 0 and wid55.target_hidden < 384
 
 
+@pytest.mark.parametrize("preset", [None, "half"])
+def test_the_head_count_alone_sets_the_width_under_the_head_strategy(preset):
+    """--strategy head --target_heads 4 means 4 whole heads, whatever width the (default) preset would give."""
+    config = WIDConfig(preset=preset, strategy="head", target_heads=4).for_teacher(BERT_BASE)
+    assert (config.target_hidden, config.target_heads, config.student_head_dim()) == (256, 4, 64)
+    assert config.target_intermediate == (1536 if preset == "half" else 1024)
+    with pytest.raises(ValueError, match="the teacher has 12 heads; choose at least 1 and at most 12"):
+        WIDConfig(preset=preset, strategy="head", target_heads=13).for_teacher(BERT_BASE)
+
+
 def test_accepts_a_real_bert_config():
     teacher = BertConfig(hidden_size=96, num_attention_heads=4, intermediate_size=200, num_hidden_layers=2)
     config = WIDConfig(target_hidden=48, target_intermediate=100).for_teacher(teacher)

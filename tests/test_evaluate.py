@@ -244,6 +244,35 @@ def test_a_folder_without_weights_is_refused(tmp_path, model_dir):
     data = write_rows(tmp_path / "data.csv", ("sentence", "label"), sentiment_rows(4, 0))
     with pytest.raises(EvaluationError, match="cannot load"):
         evaluate_model(broken, train_file=data, validation_file=data, num_train_epochs=0)
+    assert not (broken / "eval-local").exists()  # the results folder it made is gone again
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--num_train_epochs", "-1", "--num_train_epochs must be 0 (score the untrained head) or more"),
+    ("--max_train_samples", "-5", "--max_train_samples must be at least 1"),
+    ("--max_eval_samples", "0", "--max_eval_samples must be at least 1"),
+    ("--max_seq_length", "2", "--max_seq_length must be at least 3"),
+    ("--learning_rate", "0", "--learning_rate must be positive"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1"),
+])
+def test_a_nonsense_number_is_refused_before_anything_is_written(model_dir, tmp_path, capsys, flag, value, fragment):
+    from wid.cli import main as wid
+
+    data = write_rows(tmp_path / "data.csv", ("sentence", "label"), sentiment_rows(4, 0))
+    out = tmp_path / "out"
+    argv = ["evaluate", str(model_dir), "--train_file", str(data), "--validation_file", str(data), "--output_dir", str(out)]
+    assert wid(argv + [flag, value]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and fragment in error[0]
+    assert not out.exists()
+
+
+def test_validation_labels_the_training_file_never_has_are_refused(model_dir, tmp_path):
+    train = write_rows(tmp_path / "train.csv", ("sentence", "label"), sentiment_rows(6, 0))
+    dev = write_rows(tmp_path / "dev.csv", ("sentence", "label"), sentiment_rows(4, 1) + [("so so", "mixed")])
+    with pytest.raises(EvaluationError, match=r"dev\.csv has labels that .*train\.csv never has \('mixed'\)"):
+        evaluate_model(model_dir, train_file=train, validation_file=dev, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options, message", [

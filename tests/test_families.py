@@ -217,6 +217,47 @@ def test_a_sentence_encoder_teacher_gives_a_sentence_encoder_student(case, tmp_p
     assert "Spearman" in capsys.readouterr().out
 
 
+def test_a_run_given_relative_paths_exports_the_same_student_from_another_directory(tmp_path, monkeypatch, capsys):
+    """wid_run.json records the teacher and the corpus as absolute paths: `wid export` run elsewhere still finds the
+    teacher's sentence-transformers modules and the corpus for --compensate on."""
+    _sentence_teacher(tmp_path)
+    write_corpus(tmp_path / "corpus.txt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", *distill_argv("teacher", "corpus.txt", "run")]) == 0
+    record = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-12" / "wid_run.json").read_text())
+    assert record["teacher"] == str(tmp_path / "teacher") and record["corpus"] == [str(tmp_path / "corpus.txt")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "checkpoint-12")
+    for compensate in ("off", "on"):
+        out = elsewhere / f"student-{compensate}"
+        assert main(["export", checkpoint, str(out), "--compensate", compensate]) == 0
+        assert json.loads((out / "modules.json").read_text())[0]["path"] == ""
+        assert "notices" not in json.loads((out / "wid_summary.json").read_text())
+
+
+def test_export_says_when_the_recorded_teacher_is_not_found(tmp_path, capsys):
+    """A record that names no folder here (an older wid's relative path, a hub name): the student is written without
+    sentence-transformers modules, and the report and stderr say so."""
+    teacher = _sentence_teacher(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    assert main(["distill", *distill_argv(teacher, corpus, tmp_path / "run")]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-12"
+    record = json.loads((checkpoint / "wid_run.json").read_text())
+    record.update(teacher="teacher", corpus=["corpus.txt"])  # relative, as an older wid recorded them
+    (checkpoint / "wid_run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "student")]) == 0
+    assert "the run's teacher teacher is no folder here" in capsys.readouterr().err
+    assert not (tmp_path / "student" / "modules.json").exists()
+    assert json.loads((tmp_path / "student" / "wid_summary.json").read_text())["notices"]
+    assert main(["export", str(checkpoint), str(tmp_path / "compensated"), "--compensate", "on"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "the run's corpus (wid_run.json) cannot be read from here" in error[0] and "--corpus" in error[0]
+    assert not (tmp_path / "compensated").exists()
+
+
 def test_similarity_of_a_model_with_itself_is_one(tmp_path):
     from wid.sentence import compare_sentence_encoders
 

@@ -101,8 +101,9 @@ class WIDConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(allowed)}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.preset is None and self.target_hidden is None:
-            raise ValueError(f"give target_hidden (and target_intermediate) or a preset ({', '.join(PRESETS)})")
+        if self.preset is None and self.target_hidden is None and not (self.strategy == "head" and self.target_heads):
+            raise ValueError(f"give target_hidden (and target_intermediate), target_heads with strategy='head', or a preset "
+                             f"({', '.join(PRESETS)})")
         for name in ("target_hidden", "target_intermediate", "target_heads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -140,6 +141,11 @@ class WIDConfig:
         """Concrete widths for this teacher, validated; raises ValueError saying what would work."""
         dims = teacher_config if isinstance(teacher_config, TeacherDims) else TeacherDims.from_config(teacher_config)
         hidden, intermediate, heads = self.target_hidden, self.target_intermediate, self.target_heads
+        if hidden is None and heads is not None and self.strategy == "head":
+            if not 1 <= heads <= dims.heads:
+                raise ValueError(f"target_heads={heads}, but the teacher has {dims.heads} heads; choose at least 1 and at most "
+                                 f"{dims.heads}")
+            hidden = heads * dims.head_dim  # whole heads removed: the head count sets the width, not the preset
         if self.preset is not None:
             preset = PRESETS[self.preset]
             if hidden is None:

@@ -29,8 +29,8 @@ from .export import fold_trained, quiet_transformers, save_student
 from .fold import FoldError, fold
 from .sentence import encoder_folder, sentence_gap
 from .masks import at_target, masked_compactor_fraction, masked_entry_norm
-from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, last_complete_checkpoint, read_run_record,
-                         resume_checkpoint)
+from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, check_resume_step, last_complete_checkpoint,
+                         read_run_record, recorded_corpus, recorded_path, resume_checkpoint)
 from .training import (RECIPES, MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
                        flush_denormals, penalty_budget_notice, warmup_steps_for)
 
@@ -159,6 +159,13 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise RunError(f"--max_steps must be at least 1, got {training_args.max_steps} (leave it unset to train for "
                        "--num_train_epochs instead)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise RunError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs:g} (or give --max_steps)")
+    for flag in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+        if getattr(training_args, flag) < 1:
+            raise RunError(f"--{flag} must be at least 1, got {getattr(training_args, flag)}")
+    if not training_args.learning_rate > 0:
+        raise RunError(f"--learning_rate must be positive, got {training_args.learning_rate:g}")
     if args.w_step is not None and args.w_step < 1:
         raise RunError(f"--w_step must be at least 1 step between mask updates, got {args.w_step}")
     if args.head_warmup_steps is not None and args.head_warmup_steps < 0:
@@ -389,11 +396,12 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     if recipe is not None:
         print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
               f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
-    record = dict(method=args.method, recipe=recipe, teacher=str(teacher_name),
-                  teacher_fingerprint=teacher_fingerprint(encoder_dir), wid_config=config.to_dict(), corpus=args.corpus,
-                  max_seq_length=args.max_seq_length)
+    record = dict(method=args.method, recipe=recipe, teacher=recorded_path(teacher_name),
+                  teacher_fingerprint=teacher_fingerprint(encoder_dir), wid_config=config.to_dict(),
+                  corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length)
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
+        check_resume_step(training_args.resume_from_checkpoint, training_args.max_steps, output_dir)
     checkpoints = output_dir / "checkpoints"
 
     head_source = "the teacher's own"

@@ -221,6 +221,11 @@ def _local_task(train_file, validation_file, text_column: str | None, label_colu
     if label_names is not None and len(label_names) < 2:
         raise EvaluationError(f"{train_file} and {validation_file} hold a single class ({label_names[0]!r}); "
                               "classification needs two or more")
+    unseen = sorted(set(label_space(columns["--validation_file"][label_column]) or ()) -
+                    set(label_space(columns["--train_file"][label_column]) or ()))
+    if label_names is not None and unseen:
+        raise EvaluationError(f"{validation_file} has labels that {train_file} never has ({', '.join(map(repr, unseen[:5]))}): "
+                              "the classifier cannot learn them; add training examples of them or drop those rows")
     to_label = float if label_names is None else {name: index for index, name in enumerate(label_names)}.__getitem__
     renamed = [f"text_{index}" for index in range(len(text_columns))]
 
@@ -287,6 +292,22 @@ def _load_model(model_dir, config, label_names):
     return tokenizer, model
 
 
+def check_evaluation_numbers(num_train_epochs, max_train_samples, max_eval_samples, max_seq_length, learning_rate,
+                             batch_size) -> None:
+    """Refuse nonsense numbers before a model or task is loaded (one line each, naming the fix)."""
+    if not num_train_epochs >= 0:
+        raise EvaluationError(f"--num_train_epochs must be 0 (score the untrained head) or more, got {num_train_epochs:g}")
+    for flag, value in (("--max_train_samples", max_train_samples), ("--max_eval_samples", max_eval_samples)):
+        if value is not None and value < 1:
+            raise EvaluationError(f"{flag} must be at least 1, got {value} (leave it unset to use every example)")
+    if max_seq_length < 3:
+        raise EvaluationError(f"--max_seq_length must be at least 3 ([CLS] + a token + [SEP]), got {max_seq_length}")
+    if not learning_rate > 0:
+        raise EvaluationError(f"--learning_rate must be positive, got {learning_rate:g}")
+    if batch_size < 1:
+        raise EvaluationError(f"--per_device_train_batch_size must be at least 1, got {batch_size}")
+
+
 def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, num_train_epochs=3.0, output_dir=None,
                    max_train_samples=None, max_eval_samples=None, max_seq_length=128, learning_rate=5e-5,
                    per_device_train_batch_size=32, seed=42, text_column=None, label_column="label", save_model=False) -> dict:
@@ -298,81 +319,77 @@ def evaluate_model(model_dir, task=None, train_file=None, validation_file=None, 
     save_model also writes the fine-tuned classifier and tokenizer to OUTPUT_DIR (all at once, config.json last),
     e.g. to time it or to predict with it later.
     """
-    from .export import write_atomically, write_json_atomically
-    from transformers import (
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-    from .export import check_writable_folder
+    from .export import output_folder, write_atomically, write_json_atomically
 
+    check_evaluation_numbers(num_train_epochs, max_train_samples, max_eval_samples, max_seq_length, learning_rate,
+                             per_device_train_batch_size)
     config = check_model_dir(model_dir)
     data = load_task(task, train_file, validation_file, text_column, label_column)
     output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{data.name}"
-    check_writable_folder(output_dir, EvaluationError, "results folder (--output_dir)")
-    set_seed(seed)  # the new head's initial weights
-    tokenizer, model = _load_model(model_dir, config, data.label_names)
-    max_seq_length = min(max_seq_length, tokenizer.model_max_length, max_positions(config) or max_seq_length)
+    with output_folder(output_dir, EvaluationError, "results folder (--output_dir)"):  # removed again if the run fails
+        set_seed(seed)  # the new head's initial weights
+        tokenizer, model = _load_model(model_dir, config, data.label_names)
+        max_seq_length = min(max_seq_length, tokenizer.model_max_length, max_positions(config) or max_seq_length)
 
-    def tokenize(batch):
-        return tokenizer(*[batch[name] for name in data.text_columns], truncation=True, max_length=max_seq_length)
+        def tokenize(batch):
+            return tokenizer(*[batch[name] for name in data.text_columns], truncation=True, max_length=max_seq_length)
 
-    def prepare(dataset, limit):
-        if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
-        return dataset.map(tokenize, batched=True, remove_columns=[name for name in dataset.column_names if name != "label"])
+        def prepare(dataset, limit):
+            if limit is not None:
+                dataset = dataset.select(range(min(limit, len(dataset))))
+            return dataset.map(tokenize, batched=True, remove_columns=[name for name in dataset.column_names if name != "label"])
 
-    train, validation = prepare(data.train, max_train_samples), prepare(data.validation, max_eval_samples)
-    args = TrainingArguments(output_dir=str(output_dir), num_train_epochs=num_train_epochs, learning_rate=learning_rate,
-                             per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=64, seed=seed,
-                             save_strategy="no", eval_strategy="no", logging_steps=50, report_to="none",
-                             dataloader_pin_memory=torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
-                      processing_class=tokenizer)
-    started = time.perf_counter()
-    if num_train_epochs > 0:
-        trainer.train()
-    trained = time.perf_counter()
+        train, validation = prepare(data.train, max_train_samples), prepare(data.validation, max_eval_samples)
+        args = TrainingArguments(output_dir=str(output_dir), num_train_epochs=num_train_epochs, learning_rate=learning_rate,
+                                 per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=64, seed=seed,
+                                 save_strategy="no", eval_strategy="no", logging_steps=50, report_to="none",
+                                 dataloader_pin_memory=torch.cuda.is_available())
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+                          processing_class=tokenizer)
+        started = time.perf_counter()
+        if num_train_epochs > 0:
+            trainer.train()
+        trained = time.perf_counter()
 
-    def score(dataset) -> dict:
-        logits = trainer.predict(dataset).predictions
-        predictions = logits[:, 0] if data.label_names is None else logits.argmax(axis=-1)
-        return compute_scores(data.metric, predictions, np.asarray(dataset["label"]))
+        def score(dataset) -> dict:
+            logits = trainer.predict(dataset).predictions
+            predictions = logits[:, 0] if data.label_names is None else logits.argmax(axis=-1)
+            return compute_scores(data.metric, predictions, np.asarray(dataset["label"]))
 
-    scores = score(validation)
-    for suffix, extra in data.extra_validation.items():
-        extra = prepare(extra, max_eval_samples)
-        scores |= {f"{key}_{suffix}": value for key, value in score(extra).items()} | {f"eval_samples_{suffix}": len(extra)}
-    results = {
-        "task": data.name,
-        "model": str(model_dir),
-        **({"train_file": str(train_file), "validation_file": str(validation_file)} if data.name == LOCAL_TASK else {}),
-        **scores,
-        "train_samples": len(train),
-        "eval_samples": len(validation),
-        "labels": data.label_names,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "hidden_size": getattr(config, "hidden_size", None),
-        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-        "num_train_epochs": num_train_epochs,
-        "learning_rate": learning_rate,
-        "per_device_train_batch_size": per_device_train_batch_size,
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-        "train_runtime_s": round(trained - started, 2),
-        "eval_runtime_s": round(time.perf_counter() - trained, 2),
-    }
-    if save_model:
+        scores = score(validation)
+        for suffix, extra in data.extra_validation.items():
+            extra = prepare(extra, max_eval_samples)
+            scores |= {f"{key}_{suffix}": value for key, value in score(extra).items()} | {f"eval_samples_{suffix}": len(extra)}
+        results = {
+            "task": data.name,
+            "model": str(model_dir),
+            **({"train_file": str(train_file), "validation_file": str(validation_file)} if data.name == LOCAL_TASK else {}),
+            **scores,
+            "train_samples": len(train),
+            "eval_samples": len(validation),
+            "labels": data.label_names,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "num_train_epochs": num_train_epochs,
+            "learning_rate": learning_rate,
+            "per_device_train_batch_size": per_device_train_batch_size,
+            "max_seq_length": max_seq_length,
+            "seed": seed,
+            "train_runtime_s": round(trained - started, 2),
+            "eval_runtime_s": round(time.perf_counter() - trained, 2),
+        }
+        if save_model:
 
-        def write(tmp):
-            trainer.save_model(tmp)  # the model and, as processing_class, the tokenizer
+            def write(tmp):
+                trainer.save_model(tmp)  # the model and, as processing_class, the tokenizer
 
-        results["saved_model"] = str(output_dir)
-        write_atomically(output_dir, write)
-    write_json_atomically(output_dir / "eval_results.json", results)
-    return results
+            results["saved_model"] = str(output_dir)
+            write_atomically(output_dir, write)
+        write_json_atomically(output_dir / "eval_results.json", results)
+        return results
 
 
 def main(argv) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -218,6 +219,20 @@ def check_writable_folder(folder, error=CheckpointError, what: str = "output fol
     return created
 
 
+@contextlib.contextmanager
+def output_folder(folder, error=CheckpointError, what: str = "output folder"):
+    """`check_writable_folder` around a command's work: if the work fails, the folders it created are removed again
+    while still empty, so a refused or failed command leaves nothing behind."""
+    created = check_writable_folder(folder, error, what)
+    try:
+        yield Path(folder)
+    except BaseException:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only succeeds on an empty folder
+        raise
+
+
 def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> None:
     """Refuse, before any work, a target that is the checkpoint itself or lies inside it (the export would
     destroy its own source), and a non-empty target unless `overwrite`."""
@@ -226,7 +241,6 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
         raise CheckpointError(f"the export target {output_dir} is (inside) the checkpoint {checkpoint_dir}; choose another folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"the export target {output_dir} is not empty; pass --overwrite to write the student into it anyway, or choose another folder")
-    check_writable_folder(output_dir, CheckpointError, "export target")
 
 
 def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATION_BATCHES, seq_len: int | None = None):
@@ -238,7 +252,15 @@ def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATI
     if tokenizer is None:
         raise CheckpointError(f"{checkpoint_dir} has no tokenizer, which the compensation needs to read the corpus; "
                               "pass --compensate off, or copy the teacher's tokenizer files into it")
-    corpus = corpus or record.get("corpus")
+    if not corpus and record.get("corpus"):
+        from .data import CorpusError, resolve_corpus
+
+        corpus = record["corpus"]
+        try:
+            resolve_corpus(corpus)
+        except CorpusError as error:
+            raise CheckpointError(f"the run's corpus (wid_run.json) cannot be read from here ({error}); pass the calibration "
+                                  "text with --corpus FILE, or run wid export from the directory the run started in") from None
     seq_len = seq_len or record.get("max_seq_length") or 128
     settings = {"corpus": corpus, "max_seq_length": seq_len, "calibration_batches": batches}
     return corpus_calibration(tokenizer, corpus, seq_len, batches), settings
@@ -250,6 +272,11 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
     the cut is compensated on `calibration_batches` batches of `corpus` (default: the run's)."""
     check_compensate(compensate)
     check_export_target(checkpoint_dir, output_dir, overwrite)
+    with output_folder(output_dir, CheckpointError, "export target"):
+        return _export(checkpoint_dir, output_dir, compensate, corpus, calibration_batches)
+
+
+def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_batches: int) -> dict:
     model = load_checkpoint(checkpoint_dir)  # a damaged checkpoint is reported as such before anything else is read
     calibration, settings = checkpoint_calibration(checkpoint_dir, corpus, calibration_batches) if compensate == "on" else (None, {})
     student, masked_norm, difference, compensation = fold_trained(model, calibration)
@@ -266,11 +293,25 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
         "compensate": compensate,
         "compensation": compensation,
     }
-    from .run_folder import read_run_record
-
-    teacher = (read_run_record(checkpoint_dir) or {}).get("teacher")
+    teacher = _recorded_teacher(checkpoint_dir, report)
     save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report, sentence_teacher=teacher)
     return report
+
+
+def _recorded_teacher(checkpoint_dir, report: dict) -> str | None:
+    """The run's teacher folder (wid_run.json), whose sentence-transformers modules the student takes over; when it is
+    no folder here (a hub name, or a relative path recorded by an older wid and read from another directory), the
+    report says that the student is written without them."""
+    from .run_folder import read_run_record
+    from .sentence import MODULES_FILE
+
+    teacher = (read_run_record(checkpoint_dir) or {}).get("teacher")
+    if teacher is not None and not Path(teacher).is_dir():
+        notice = (f"the run's teacher {teacher} is no folder here, so the student gets no sentence-transformers modules; if "
+                  f"the teacher has a {MODULES_FILE}, run wid export where it is found (or from the directory the run started in)")
+        report.setdefault("notices", []).append(notice)
+        print(f"[wid] {notice}", file=sys.stderr)
+    return teacher
 
 
 def _student_compensation(student_dir) -> dict | None:

@@ -122,9 +122,31 @@ def read_run_record(checkpoint: str | Path) -> dict | None:
     return {"method": "wid", "wid_config": settings} if isinstance(settings, dict) else None
 
 
+def recorded_path(value):
+    """A local path made absolute, so that a run's record means the same from any directory (`wid export` run
+    elsewhere, a resume from another shell); a hub name, or anything that is no existing path, as given."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    return os.path.abspath(path) if path.exists() else str(value)
+
+
+def recorded_corpus(corpus) -> list[str] | None:
+    """The corpus entries as a run records them (None: the shipped corpus)."""
+    if corpus is None:
+        return None
+    return [recorded_path(entry) for entry in ([corpus] if isinstance(corpus, (str, Path)) else corpus)]
+
+
+def _shown(corpus) -> str:
+    corpus = recorded_corpus(corpus)
+    return " ".join(corpus) if corpus else "(the shipped corpus)"
+
+
 def check_resume_settings(checkpoint: str, record: dict) -> None:
-    """Refuse, in one line naming the checkpoint's values, a resume whose method, teacher or mask schedule differs
-    from the checkpoint's (learning rates may change: the trainer takes the new ones)."""
+    """Refuse, in one line naming the checkpoint's values, a resume whose method, teacher, data (corpus, sequence
+    length) or mask schedule differs from the checkpoint's (learning rates may change: the trainer takes the new
+    ones). Checkpoints written before a setting was recorded are not checked for it."""
     saved = read_run_record(checkpoint)
     if saved is None:
         return
@@ -136,6 +158,10 @@ def check_resume_settings(checkpoint: str, record: dict) -> None:
     fingerprints = saved.get("teacher_fingerprint"), record.get("teacher_fingerprint")
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         changed.append(f"the teacher {saved.get('teacher')} (its weights differ from {record.get('teacher')}'s)")
+    if "corpus" in saved and recorded_corpus(saved["corpus"]) != recorded_corpus(record.get("corpus")):
+        changed.append(f"--corpus {_shown(saved['corpus'])} (now {_shown(record.get('corpus'))})")
+    if "max_seq_length" in saved and saved["max_seq_length"] != record.get("max_seq_length"):
+        changed.append(f"--max_seq_length {saved['max_seq_length']} (now {record.get('max_seq_length')})")
     old, new = saved.get("wid_config") or {}, record.get("wid_config") or {}
     for name in SCHEDULE_SETTINGS if record["method"] == "wid" else SCHEDULE_SETTINGS[:3]:
         if name in old and old[name] != new.get(name):
@@ -143,6 +169,15 @@ def check_resume_settings(checkpoint: str, record: dict) -> None:
     if changed:
         raise RunError(f"checkpoint {checkpoint} was made with {', '.join(changed)}; resume with the checkpoint's settings, "
                        "or start a new run in another --output_dir")
+
+
+def check_resume_step(checkpoint: str, max_steps: int, output_dir) -> None:
+    """Refuse a resume from a checkpoint already at --max_steps (the Trainer would take one step past it)."""
+    step = checkpoint_step(Path(checkpoint))
+    if step is not None and step >= max_steps:
+        raise RunError(f"checkpoint {checkpoint} is at step {step}, already at --max_steps {max_steps}: that run is finished "
+                       f"(its student is in {output_dir}); pass a larger --max_steps to train on, or fold the checkpoint "
+                       f"again with `wid export {checkpoint} STUDENT_DIR`")
 
 
 class RunFolder:

@@ -32,6 +32,26 @@ def test_export_refuses_a_non_empty_target_unless_overwrite_is_given(run, tmp_pa
     assert (target / "config.json").exists() and (target / "model.safetensors").exists()
 
 
+def test_overwriting_a_student_leaves_nothing_of_the_earlier_one(run, tmp_path):
+    """A folder that held a sentence-transformers student (modules, pooling config, a sharded checkpoint, another
+    tokenizer's files) holds only the new plain student after the export: no SentenceTransformer of two models."""
+    target = tmp_path / "student"
+    target.mkdir()
+    (target / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x.Transformer"},
+                                                     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "x.Pooling"}]))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text("{}")
+    for name in ("sentence_bert_config.json", "model-00001-of-00002.safetensors", "merges.txt", "config.json"):
+        (target / name).write_text("old")
+    (target / "notes.txt").write_text("mine")
+    assert main(["export", str(run["checkpoint"]), str(target), "--overwrite"]) == 0
+    names = sorted(p.name for p in target.iterdir())
+    assert "modules.json" not in names and "1_Pooling" not in names and "merges.txt" not in names
+    assert not any(name.startswith(("model-", "sentence_")) for name in names)
+    assert {"config.json", "model.safetensors", "wid_summary.json", "notes.txt"} <= set(names)
+    assert json.loads((target / "config.json").read_text())["hidden_size"] == 6
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_export_never_writes_into_its_source(run, capsys, inside):
     before = _snapshot(run["checkpoint"])

@@ -122,6 +122,23 @@ def test_overwrite_output_dir_clears_the_earlier_runs_state(files, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # not the run's: kept
 
 
+def test_an_overwrite_stopped_early_leaves_no_unrecorded_student(files, tmp_path, monkeypatch):
+    """--overwrite_output_dir takes the earlier student with its summary, so a new run that stops before writing its
+    own never leaves a student that no summary or checkpoint describes."""
+    import wid.distill
+
+    out = tmp_path / "out"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 0
+    (out / "notes.txt").write_text("mine")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wid.distill, "_train_wid", interrupted)
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out, "--overwrite_output_dir")]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_a_failed_run_leaves_nothing_that_blocks_the_retry(files, tmp_path, capsys, monkeypatch):
     import wid.distill
 

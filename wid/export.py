@@ -125,18 +125,62 @@ def load_checkpoint(path):
     return model.eval()
 
 
+# What writing a model folder puts there (save_pretrained, a tokenizer, sentence-transformers files, wid's summary);
+# found in a folder, they belong to the model saved there, and go when another model replaces it.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "training_args.bin", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+               "sentencepiece.bpe.model", "chat_template.jinja", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json", "wid_summary.json")
+MODEL_FILE_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def model_files(folder) -> list[Path]:
+    """The files and sentence-transformers module folders of the model saved in `folder` (nothing else: a run folder's
+    checkpoints/ and intermediate students stay)."""
+    folder = Path(folder)
+    found = [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    found += [path for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern)]
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        modules = []
+    for module in modules if isinstance(modules, list) else ():
+        path = str(module.get("path") or "") if isinstance(module, dict) else ""
+        if path and "/" not in path and not path.startswith(".") and (folder / path).is_dir():
+            found.append(folder / path)
+    return found
+
+
+def remove_paths(paths) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def write_atomically(output_dir, write) -> Path:
-    """Call `write(tmp_dir)`, then move its files into `output_dir` with config.json last."""
+    """Call `write(tmp_dir)`, then move its files into `output_dir` with config.json last. What the model saved there
+    before left behind and this one does not write (a sentence-transformers module, a shard, a tokenizer file) is
+    removed before config.json goes in, so the folder never mixes two models."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    earlier = model_files(output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-student-", dir=output_dir))
     try:
         write(tmp)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        items = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        written = {item.name for item in items}
+        for item in items:
+            if item.name == "config.json":
+                remove_paths(path for path in earlier if path.name not in written)
             target = output_dir / item.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
+        if "config.json" not in written:
+            remove_paths(path for path in earlier if path.name not in written)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

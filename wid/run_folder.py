@@ -244,16 +244,14 @@ class RunFolder:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _clear_run_state(self) -> None:
-        """What an earlier run wrote and a new one would otherwise pick up: its checkpoints, intermediate students and
-        summary (the student files themselves are replaced when the new student is written)."""
-        removed = []
-        for path in [self.path / CHECKPOINTS, *self.path.glob("student-*pct"), self.path / "wid_summary.json"]:
-            if path.is_dir():
-                shutil.rmtree(path)
-                removed.append(path.name)
-            elif path.is_file():
-                path.unlink()
-                removed.append(path.name)
+        """What an earlier run wrote and a new one would otherwise pick up: its checkpoints, intermediate students, and
+        its student with its summary (so that a new run stopped early never leaves the old student unrecorded)."""
+        from .export import model_files, remove_paths
+
+        earlier = [path for path in [self.path / CHECKPOINTS, *self.path.glob("student-*pct")] if path.exists()]
+        student = model_files(self.path)
+        remove_paths(earlier + student)
+        removed = [path.name for path in earlier] + (["the student"] if student else [])
         if removed:
             print(f"[wid] --overwrite_output_dir: removed the earlier run's {', '.join(removed)} from {self.path}")
 

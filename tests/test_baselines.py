@@ -91,6 +91,33 @@ def test_kd_against_itself_is_the_mlm_loss_scaled(tmp_path):
     torch.testing.assert_close(kd, 0.5 * mlm)
 
 
+def test_kd_logs_its_mlm_part_beside_the_objective(tmp_path):
+    """`mlm_loss` in the logs (and the summary's final_mlm_loss) is the cross-entropy alone, averaged over the
+    micro-batches since the last log, comparable with the other methods' loss; `kd_loss` is the T²-scaled KL."""
+    teacher, student = make_teacher(seed=0), make_teacher(seed=1)
+    for module in student.modules():  # training mode (the parts are counted only there) without dropout's noise
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer = _kd_trainer(tmp_path, student, teacher, alpha=0.5, temperature=2.0)
+    trainer.model.train()
+    first, second = _masked_inputs(teacher.config.vocab_size), _masked_inputs(teacher.config.vocab_size)
+    second["labels"][1, 7] = second["input_ids"][1, 7]
+    objectives, mlms = [], []
+    with torch.no_grad():
+        for inputs in (first, second):
+            objectives.append(float(trainer.compute_loss(trainer.model, dict(inputs))))
+            trainer.alpha = 0.0
+            trainer.model.eval()
+            mlms.append(float(trainer.compute_loss(trainer.model, dict(inputs))))
+            trainer.model.train()
+            trainer.alpha = 0.5
+    trainer.log({"loss": sum(objectives) / 2})
+    logged = trainer.state.log_history[-1]
+    assert logged["mlm_loss"] == pytest.approx(sum(mlms) / 2, rel=1e-5)
+    assert logged["kd_loss"] == pytest.approx(sum(2 * o - m for o, m in zip(objectives, mlms)) / 2, rel=1e-4)
+    assert trainer._parts is None
+
+
 def test_kd_rejects_bad_weights(tmp_path):
     with pytest.raises(ValueError, match="kd_alpha"):
         _kd_trainer(tmp_path, make_teacher(), make_teacher(), alpha=1.5)
@@ -115,6 +142,8 @@ def test_method_writes_a_student_of_the_wid_shape(files, tmp_path, capsys, metho
     else:
         assert moved > 0, "training must change the truncated teacher's weights"
         assert summary["final_mlm_loss"] is not None
+        if method == "kd":  # the objective, with its KD term, is reported as such, not as the MLM loss
+            assert summary["final_training_objective"] != summary["final_mlm_loss"]
 
 
 @pytest.mark.parametrize("extra, fragment", [

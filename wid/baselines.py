@@ -46,6 +46,16 @@ class DistillationTrainer(MaskedLMTrainer):
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.teacher_selector = MaskedPositionSelector(head_input(self.teacher))
         self.temperature, self.alpha = temperature, alpha
+        self._parts = None  # on the device: summed MLM loss, summed KD loss, micro-batches since the last log
+
+    def log(self, logs, *args, **kwargs):
+        """Log the objective's two parts beside it (`mlm_loss` is comparable with the other methods' `loss`); read
+        here, where the Trainer reads the loss anyway, not every step."""
+        if self._parts is not None and "loss" in logs:
+            mlm, kd, count = self._parts.tolist()
+            logs.update(mlm_loss=mlm / max(count, 1), kd_loss=kd / max(count, 1))
+            self._parts = None
+        super().log(logs, *args, **kwargs)
 
     def masked_loss(self, logits, targets, inputs, positions):
         mlm = super().masked_loss(logits, targets, inputs, positions)
@@ -58,6 +68,9 @@ class DistillationTrainer(MaskedLMTrainer):
         t = self.temperature
         kl = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
                       log_target=True, reduction="sum") / positions.sum().clamp_min(1)
+        if self.model.training:
+            parts = torch.stack([mlm.detach().float(), kl.detach().float() * t * t, torch.ones((), device=mlm.device)])
+            self._parts = parts if self._parts is None else self._parts + parts
         return self.alpha * t * t * kl + (1.0 - self.alpha) * mlm
 
 

@@ -224,8 +224,8 @@ def _encoder_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix) and "compactor" not in name)
 
 
-def _last_loss(trainer) -> float | None:
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+def _last_loss(trainer, key: str = "loss") -> float | None:
+    losses = [entry[key] for entry in trainer.state.log_history if key in entry]
     return float(losses[-1]) if losses else None
 
 
@@ -456,7 +456,9 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "head_warmup_steps": warmup_steps,
         "head_warmup_final_loss": warmup_loss,
         "teacher_mlm_head": head_source,
-        "final_mlm_loss": _last_loss(trainer) if trainer is not None else None,
+        # kd trains on (1-α)·MLM + α·T²·KL: its MLM part is what compares with the other methods
+        "final_mlm_loss": _last_loss(trainer, "mlm_loss" if args.method == "kd" else "loss") if trainer is not None else None,
+        "final_training_objective": _last_loss(trainer) if trainer is not None else None,
         "teacher_heldout_mlm_loss": teacher_heldout,
         "student_heldout_mlm_loss": heldout_loss(student, heldout, collator),
         "representation_spread_vs_teacher": relative_spread,
@@ -580,8 +582,9 @@ def format_summary(summary: dict) -> str:
            if method == "wid" else "")
         + (f"; recipe {summary['recipe']}" if summary.get("recipe") else ""),
         f"  MLM head  {summary.get('teacher_mlm_head', 'n/a')}",
-        f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} "
-        f"vs student {fmt(summary['student_heldout_mlm_loss'])}",
+        f"  MLM loss  final training {fmt(summary['final_mlm_loss'])}"
+        + (f" (objective with the KD term {fmt(summary.get('final_training_objective'))})" if method == "kd" else "")
+        + f"; held-out teacher {fmt(summary['teacher_heldout_mlm_loss'])} vs student {fmt(summary['student_heldout_mlm_loss'])}",
         f"  spread    the student's outputs vary across inputs {fmt(summary.get('representation_spread_vs_teacher'))}× as much as "
         "the teacher's (≈0: collapsed)",
     ]

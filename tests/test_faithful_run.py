@@ -112,6 +112,20 @@ def test_a_cached_head_warm_up_is_never_applied_to_another_teacher(files, tmp_pa
     assert not any(torch.allclose(rows[:, j], teacher_a[word][:5, i]) for j in range(kept) for i in range(teacher_a[word].shape[1]))
 
 
+def test_a_cached_head_warm_up_is_never_applied_with_another_tokenizer(files, tmp_path):
+    """The same weights beside another tokenizer (here: cased) read the corpus as other token ids: their own warm-up."""
+    import shutil
+
+    _run(distill_argv(files["encoder_a"], files["corpus"], tmp_path / "a", "--head_warmup_steps", "3", "--method", "prune"))
+    cased = Path(shutil.copytree(files["encoder_a"], tmp_path / "cased"))
+    settings = json.loads((cased / "tokenizer_config.json").read_text())
+    (cased / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
+    other = _run(distill_argv(cased, files["corpus"], tmp_path / "b", "--head_warmup_steps", "3", "--method", "prune"))
+    assert "cached" not in other["teacher_mlm_head"]
+    again = _run(distill_argv(cased, files["corpus"], tmp_path / "c", "--head_warmup_steps", "3", "--method", "prune"))
+    assert "cached" in again["teacher_mlm_head"]
+
+
 def test_a_saved_head_is_read_only_for_the_teacher_it_was_trained_on(files, tmp_path):
     from transformers import BertModel
 

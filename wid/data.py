@@ -23,6 +23,9 @@ DEFAULT_CORPUS = "wiki_lee"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+# The files a saved tokenizer may consist of (any family): they decide the token ids a corpus becomes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
 PACK_LINES = 1000  # lines concatenated per packing batch (as run_mlm.py); each batch drops < seq_len-2 tokens
 
 

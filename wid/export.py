@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 from .architecture import base_prefix, encoder_model_class, family_of, intermediate_size, mlm_model_class
 from .compactors import attach
 from .config import WIDConfig
+from .data import TOKENIZER_FILES
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
                          fold_compensated, needs_compensation)
 from .fold import fold, verify_fold
@@ -128,9 +129,7 @@ def load_checkpoint(path):
 # What writing a model folder puts there (save_pretrained, a tokenizer, sentence-transformers files, wid's summary);
 # found in a folder, they belong to the model saved there, and go when another model replaces it.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json", "training_args.bin", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-               "sentencepiece.bpe.model", "chat_template.jinja", "modules.json", "sentence_bert_config.json",
+               "pytorch_model.bin.index.json", "training_args.bin", *TOKENIZER_FILES, "modules.json", "sentence_bert_config.json",
                "config_sentence_transformers.json", "wid_summary.json")
 MODEL_FILE_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 

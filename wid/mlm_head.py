@@ -110,6 +110,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wid"
 
 
+def tokenizer_digest(folder: str | Path) -> str:
+    """sha256 over a folder's tokenizer files (small): another tokenizer beside the same weights reads the corpus as
+    other token ids, so it trains another head."""
+    from .data import TOKENIZER_FILES
+
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def warmup_key(teacher_dir: str | Path, corpus_files, settings: dict) -> str | None:
     """The cache key of a head warm-up: the teacher's fingerprint, the corpus files (path, size, mtime) and
     every setting that changes the result. None when the teacher is not a local folder (never cached)."""
@@ -121,7 +134,8 @@ def warmup_key(teacher_dir: str | Path, corpus_files, settings: dict) -> str | N
     for name in files:
         path = Path(name)
         described.append([str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [name])
-    blob = json.dumps(dict(teacher=fingerprint, corpus=described, settings=settings), sort_keys=True, default=str)
+    blob = json.dumps(dict(teacher=fingerprint, tokenizer=tokenizer_digest(teacher_dir), corpus=described, settings=settings),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

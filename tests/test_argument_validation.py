@@ -1,4 +1,6 @@
 """`wid distill` refuses nonsense numbers at once: one line naming the fix, exit status 2, nothing written."""
+import json
+
 import pytest
 
 from wid.cli import main
@@ -82,3 +84,17 @@ def test_a_two_step_run_says_nothing_false_about_its_schedule(files, tmp_path, c
     out = capsys.readouterr().out
     assert "masks never reached the target (cut at once)" in out and "does not fit" not in out
     assert "shorter than the schedule's 4 mask updates" in out
+    # the fold itself is exact, but the channels cut at once cost what the student then lacks: reported, not hidden
+    summary = json.loads((tmp_path / "out" / "wid_summary.json").read_text())
+    assert summary["max_logit_difference_fold"] < 1e-4 < summary["max_logit_difference_to_trained"]
+    assert "student vs the model as trained: logits max diff" in out
+    assert any(f"logits max diff {summary['max_logit_difference_to_trained']:.3g}" in n for n in summary["notices"])
+
+
+def test_a_schedule_that_reached_its_target_reports_an_exact_cut(files, tmp_path):
+    """The short recipe shrinks the masked entries to 0 by the last step: the student is the model as trained."""
+    out = tmp_path / "out"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 0
+    summary = json.loads((out / "wid_summary.json").read_text())
+    assert summary["recipe"] == "short" and summary["schedule_reached_target_at_step"] is not None
+    assert summary["max_logit_difference_to_trained"] < 1e-4

@@ -122,7 +122,7 @@ def test_an_exact_cut_reads_no_calibration_data():
     def calibration():
         raise AssertionError("no calibration is needed for an exact cut")
 
-    student, _, difference, report = fold_trained(model, calibration)
+    student, _, difference, report, _ = fold_trained(model, calibration)
     assert difference <= 1e-4 and report["applied"] is False and "exact" in report["reason"]
 
 

@@ -50,6 +50,7 @@ def test_overwriting_a_student_leaves_nothing_of_the_earlier_one(run, tmp_path):
     assert not any(name.startswith(("model-", "sentence_")) for name in names)
     assert {"config.json", "model.safetensors", "wid_summary.json", "notes.txt"} <= set(names)
     assert json.loads((target / "config.json").read_text())["hidden_size"] == 6
+    assert json.loads((target / "wid_summary.json").read_text())["max_logit_difference_to_trained"] < 1e-4  # short recipe: exact
 
 
 @pytest.mark.parametrize("inside", [False, True])

@@ -471,6 +471,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
         "bias_correction": config.bias_correction,
         "max_grad_norm": training_args.max_grad_norm,
         "max_logit_difference_fold": trained.get("difference"),
+        "max_logit_difference_to_trained": trained.get("to_trained"),
         "compensate": args.compensate if args.method == "wid" else None,
         "compensation": trained.get("compensation"),
         "intermediate_students": trained.get("student_dirs", {}),
@@ -524,8 +525,7 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
 
     model = trainer.model
     model.to("cpu").float()
-    if not at_target(model):
-        notices.append("the schedule had not reached the target when training stopped: the remaining channels were cut at once")
+    cut_at_once = not at_target(model)
     left = masked_compactor_fraction(model)
     lr_after_target = compactor_lr_after(config, training_args.max_steps, config.steps_to_target(dims))
     print(f"[wid] at the cut: masked compactor entries hold {left:.3g} of their initial size; cumulative compactor lr "
@@ -535,13 +535,17 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
                        f"{masked_entry_norm(model):.3g}, cumulative compactor lr after the target {lr_after_target:.3g}): "
                        "the student lost what they carried; train longer after the target")
     calibration = calibration_source(dataset, args.calibration_batches, heldout) if args.compensate == "on" else None
-    student, masked_norm, difference, compensation = fold_trained(model, calibration)
+    student, masked_norm, difference, compensation, to_trained = fold_trained(model, calibration)
+    if cut_at_once:
+        notices.append(f"the schedule had not reached the target when training stopped: the remaining channels were cut at "
+                       f"once (student vs the model as trained: logits max diff {to_trained:.3g})")
     if compensation is not None:
         compensation.update(corpus=args.corpus, max_seq_length=args.max_seq_length, calibration_batches=args.calibration_batches)
         if compensation["applied"]:
             print(f"[wid] {compensation_line(compensation)}")
     target_step = config.steps_to_target(dims)
     return dict(student=student, trainer=trainer, masked_norm=masked_norm, difference=difference, compensation=compensation,
+                to_trained=to_trained,
                 target_step=target_step if target_step <= training_args.max_steps else None, student_dirs=student_dirs, masked_fraction=left,
                 lr_after_target=lr_after_target)
 
@@ -599,6 +603,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  fold      masked-entry norm {summary['masked_entry_norm_before_fold']:.3g}; folded vs {against}: logits "
                      f"max diff {summary['max_logit_difference_fold']:.2e}"
                      + (f" ({compensation['reason']})" if compensation and not compensation.get("applied") else ""))
+        if summary.get("max_logit_difference_to_trained") is not None:
+            lines.append(f"  cut       student vs the model as trained: logits max diff {summary['max_logit_difference_to_trained']:.2e} "
+                         "(what the cut cost; ≈0: exact)")
     lines += [
         f"  student   {summary['student_dir']}  (AutoModelForMaskedLM.from_pretrained / AutoModel)",
         f"  checkpoints {summary['checkpoints_dir']}",

@@ -23,7 +23,7 @@ from .config import WIDConfig
 from .data import TOKENIZER_FILES
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
                          fold_compensated, needs_compensation)
-from .fold import fold, verify_fold
+from .fold import check_logits, fold, fold_check_inputs, verify_fold
 from .masks import finalize, masked_entry_norm
 
 
@@ -223,23 +223,31 @@ EXACT_CUT = "the masked entries are already 0: the cut is exact"
 
 
 def fold_trained(model, calibration=None) -> tuple:
-    """(student, masked-entry norm before the cut, max logit difference after it, compensation report or None).
+    """(student, masked-entry norm before the cut, max logit difference after it, compensation report or None,
+    max logit difference to the model as trained).
 
     Keeps the trained masks if they are at the target (else prunes to it), zeroes the masked entries, folds, and
     checks the student against the compactor model. `calibration` (wid.compensate.calibration_source) turns on the
     compensation of the cut; it is called only when there is something to compensate, and the check then compares
-    against the compensated trained model (wid.compensate), as the report says.
+    against the compensated trained model (wid.compensate), as the report says. The last number compares the
+    student with the model as it left training: what the cut cost, including channels a schedule cut short had
+    to cut at once (which the masked-entry norm does not see: they were never masked).
     """
     masked_norm = masked_entry_norm(model)
+    inputs = fold_check_inputs(model.config)
+    as_trained = check_logits(model, inputs)
     if calibration is not None and needs_compensation(model):
         batches, evaluation = calibration()
         student, difference, report = fold_compensated(model, batches, evaluation)
-        return student, masked_norm, difference, dict(applied=True, **report, fold_check_against="the compensated trained model")
-    finalize(model)
-    student = fold(model)
-    report = None if calibration is None else dict(applied=False, reason=EXACT_CUT,
-                                                   fold_check_against="the trained model, masked entries zeroed")
-    return student, masked_norm, verify_fold(model, student), report
+        report = dict(applied=True, **report, fold_check_against="the compensated trained model")
+    else:
+        finalize(model)
+        student = fold(model)
+        difference = verify_fold(model, student)
+        report = None if calibration is None else dict(applied=False, reason=EXACT_CUT,
+                                                       fold_check_against="the trained model, masked entries zeroed")
+    to_trained = float((as_trained - check_logits(student, inputs)).abs().max())
+    return student, masked_norm, difference, report, to_trained
 
 
 def check_writable_folder(folder, error=CheckpointError, what: str = "output folder") -> list[Path]:
@@ -322,7 +330,7 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
 def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_batches: int) -> dict:
     model = load_checkpoint(checkpoint_dir)  # a damaged checkpoint is reported as such before anything else is read
     calibration, settings = checkpoint_calibration(checkpoint_dir, corpus, calibration_batches) if compensate == "on" else (None, {})
-    student, masked_norm, difference, compensation = fold_trained(model, calibration)
+    student, masked_norm, difference, compensation, to_trained = fold_trained(model, calibration)
     if compensation is not None:
         compensation.update(settings)
     report = {
@@ -333,6 +341,7 @@ def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_bat
         "intermediate_size": intermediate_size(student.config),
         "masked_entry_norm_before_fold": masked_norm,
         "max_logit_difference_after_pruning": difference,
+        "max_logit_difference_to_trained": to_trained,
         "compensate": compensate,
         "compensation": compensation,
     }

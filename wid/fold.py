@@ -223,24 +223,32 @@ def fold(model, with_head: bool = True, progressbar: bool | None = None, compens
 
 
 @torch.no_grad()
-def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: int = 0) -> float:
-    """Max |logit difference| between the compactor model and the student on random padded inputs."""
+def fold_check_inputs(config, batch_size: int = 4, seq_len: int = 24, seed: int = 0) -> dict:
+    """The fixed random padded batch on which a fold is checked (the same for every model of this config)."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = student.config.vocab_size
-    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+    input_ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
     lengths = torch.randint(max(1, seq_len // 3), seq_len + 1, (batch_size,), generator=generator)
     lengths[0] = seq_len
     attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-    types = getattr(student.config, "type_vocab_size", 1) or 1
+    types = getattr(config, "type_vocab_size", 1) or 1
     token_type_ids = torch.randint(0, types, (batch_size, seq_len), generator=generator)
-    inputs = model_inputs(student, dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids))
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+@torch.no_grad()
+def check_logits(model, inputs: dict) -> torch.Tensor:
+    """`model`'s fp32 logits (on the CPU) at the real tokens of `inputs` (`fold_check_inputs`), in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        teacher_logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+        logits = model(**{k: v.to(device) for k, v in model_inputs(model, inputs).items()}).logits.float().cpu()
     finally:
         model.train(was_training)
-    student_logits = student(**inputs).logits.float()
-    keep = attention_mask.bool()
-    return float((teacher_logits - student_logits)[keep].abs().max())
+    return logits[inputs["attention_mask"].bool()]
+
+
+def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: int = 0) -> float:
+    """Max |logit difference| between the compactor model and the student on random padded inputs."""
+    inputs = fold_check_inputs(student.config, batch_size, seq_len, seed)
+    return float((check_logits(model, inputs) - check_logits(student, inputs)).abs().max())

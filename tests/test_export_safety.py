@@ -53,6 +53,13 @@ def test_overwriting_a_student_leaves_nothing_of_the_earlier_one(run, tmp_path):
     assert json.loads((target / "wid_summary.json").read_text())["max_logit_difference_to_trained"] < 1e-4  # short recipe: exact
 
 
+def test_export_of_a_run_folder_names_its_newest_checkpoint(run, tmp_path, capsys):
+    assert main(["export", str(run["student"]), str(tmp_path / "student")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"pass {run['checkpoint']}" in error[0]
+    assert not (tmp_path / "student").exists()
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_export_never_writes_into_its_source(run, capsys, inside):
     before = _snapshot(run["checkpoint"])
@@ -78,3 +85,10 @@ def test_verify_fails_a_student_that_does_not_match(run, capsys, other):
 
 def test_verify_takes_a_tolerance(run, capsys):
     assert main(["verify", str(run["checkpoint"]), str(run["other_student"]), "--tolerance", "1e9"]) == 0
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan"])
+def test_verify_refuses_a_tolerance_no_difference_can_meet(run, capsys, tolerance):
+    assert main(["verify", str(run["checkpoint"]), str(run["student"]), "--tolerance", tolerance]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--tolerance must be 0 or more" in error[0]

@@ -97,6 +97,7 @@ def test_a_cached_head_warm_up_is_never_applied_to_another_teacher(files, tmp_pa
     b = _run(distill_argv(files["encoder_b"], files["corpus"], tmp_path / "b", "--head_warmup_steps", "3", "--method", "prune"))
     assert "cached" not in a["teacher_mlm_head"] and "cached" in again["teacher_mlm_head"]
     assert "cached" not in b["teacher_mlm_head"]  # the same settings, another teacher: its own warm-up
+    assert b["checkpoints_dir"] is None and not (tmp_path / "b" / "checkpoints").exists()  # prune saves none; no empty folder
     assert again["teacher_heldout_mlm_loss"] == a["teacher_heldout_mlm_loss"]
     from safetensors.torch import load_file
 

@@ -101,6 +101,16 @@ def test_a_stale_lock_is_taken_over_with_a_notice_and_released_at_the_end(files,
     assert any("took over the lock" in notice for notice in summary["notices"])
 
 
+def test_an_unreadable_lock_is_named_not_taken_for_a_run(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("{not json")
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 2
+    error = _one_line(capsys)
+    assert f"unreadable lock file {out / LOCK_NAME}" in error and "pid None" not in error
+    assert (out / LOCK_NAME).read_text() == "{not json"
+
+
 def test_two_folders_cannot_lock_the_same_path(tmp_path):
     with RunFolder(tmp_path / "out"):
         with pytest.raises(RunError, match="in use by another wid distill run"):

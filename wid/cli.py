@@ -98,6 +98,8 @@ def verify(argv) -> int:
     parser.add_argument("student_dir")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| after pruning (default 1e-4)")
     args = parser.parse_args(argv)
+    if not args.tolerance >= 0:
+        raise ValueError(f"--tolerance must be 0 or more (a max |logit difference|), got {args.tolerance:g}")
     report = verify_student(args.checkpoint_dir, args.student_dir, args.tolerance)
     print(json.dumps(report, indent=2))
     if not report["matches"]:

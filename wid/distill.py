@@ -7,6 +7,7 @@ about 10 minutes. `--method` swaps WID for a baseline of the same student shape 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -252,6 +253,9 @@ def warm_up_head(model, dataset, tokenizer, args: TrainingArguments, steps: int,
     trainer = MaskedLMTrainer(model=model, args=warm_args, train_dataset=dataset, data_collator=default_data_collator,
                               processing_class=tokenizer)
     trainer.train()
+    for made in (Path(warm_args.output_dir), output_dir):  # the Trainer makes them; nothing is saved there
+        with contextlib.suppress(OSError):
+            made.rmdir()  # only when empty
     for param in model.parameters():
         param.requires_grad_(True)
     loss = _last_loss(trainer)
@@ -442,7 +446,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),
-        "checkpoints_dir": str(checkpoints),
+        "checkpoints_dir": str(checkpoints) if checkpoints.is_dir() else None,  # prune trains nothing, saves none
         "backend": backend,
         "backends_in_use": {op: name for op, (name, _) in wid_kernels.backends_in_use(training_device).items()},
         "teacher_encoder_parameters": teacher_params,
@@ -608,8 +612,9 @@ def format_summary(summary: dict) -> str:
                          "(what the cut cost; ≈0: exact)")
     lines += [
         f"  student   {summary['student_dir']}  (AutoModelForMaskedLM.from_pretrained / AutoModel)",
-        f"  checkpoints {summary['checkpoints_dir']}",
     ]
+    if summary["checkpoints_dir"] is not None:
+        lines.append(f"  checkpoints {summary['checkpoints_dir']}")
     for fraction, path in summary["intermediate_students"].items():
         lines.append(f"  student at {fraction:.0%} width: {path}")
     lines += [f"  note: {n}" for n in summary["notices"]]

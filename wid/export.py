@@ -104,7 +104,11 @@ def load_checkpoint(path):
         raise CheckpointError(f"cannot read {path / 'config.json'} ({exc}); the checkpoint is corrupt: use an earlier one") from None
     settings = getattr(config, "wid", None)
     if not isinstance(settings, dict):
-        raise CheckpointError(f"{path} holds no WID settings (config.wid): it is a plain model, not a wid distill checkpoint")
+        from .run_folder import CHECKPOINTS, last_complete_checkpoint
+
+        newest = last_complete_checkpoint(path / CHECKPOINTS)
+        hint = f"; to fold this run's newest checkpoint again, pass {newest}" if newest else ""
+        raise CheckpointError(f"{path} holds no WID settings (config.wid): it is a plain model, not a wid distill checkpoint{hint}")
     weights = _read_weights(path)
     try:
         family_of(config)

@@ -224,6 +224,9 @@ class RunFolder:
             except FileExistsError:
                 holder = _read_lock(self.lock)
                 pid, host = holder.get("pid"), holder.get("host")
+                if not isinstance(pid, int):
+                    raise RunError(f"output_dir {self.path} has an unreadable lock file {self.lock} (a run was killed while "
+                                   "taking it, or it was edited); delete it if no wid distill run is using this folder") from None
                 if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
                     notice = f"took over the lock of a run that is gone (pid {pid}, started {holder.get('started', '?')})"
                     self.notices.append(notice)

@@ -201,6 +201,17 @@ class MaskedLMTrainer(Trainer):
         with _damaged_checkpoint(resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _issue_warnings_after_load(self, load_result):
+        """The Trainer warns about every key a checkpoint lacks; the tied decoder is left out by design (save_pretrained
+        drops tied tensors, and here they share the embeddings' storage, which is loaded), so only real gaps are named."""
+        from .export import tied_keys
+
+        tied = set(tied_keys(unwrap(self.model)))
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys (a named tuple)
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
+
     def _load_rng_state(self, checkpoint):
         with _damaged_checkpoint(checkpoint):
             super()._load_rng_state(checkpoint)

@@ -175,9 +175,11 @@ def check_resume_step(checkpoint: str, max_steps: int, output_dir) -> None:
     """Refuse a resume from a checkpoint already at --max_steps (the Trainer would take one step past it)."""
     step = checkpoint_step(Path(checkpoint))
     if step is not None and step >= max_steps:
-        raise RunError(f"checkpoint {checkpoint} is at step {step}, already at --max_steps {max_steps}: that run is finished "
-                       f"(its student is in {output_dir}); pass a larger --max_steps to train on, or fold the checkpoint "
-                       f"again with `wid export {checkpoint} STUDENT_DIR`")
+        written = (Path(output_dir) / "wid_summary.json").is_file()
+        student = f"its student is in {output_dir}" if written else "its student was not written: the run stopped after training"
+        raise RunError(f"checkpoint {checkpoint} is at step {step}, at or past --max_steps {max_steps}: that training is "
+                       f"finished ({student}); pass a larger --max_steps to train on, or fold the checkpoint with "
+                       f"`wid export {checkpoint} STUDENT_DIR`")
 
 
 class RunFolder:

@@ -193,6 +193,25 @@ def test_save_widths_writes_students_along_the_way(files, tmp_path):
     assert student.config.hidden_size <= 9
 
 
+def test_a_resume_keeps_the_students_written_before_it(files, tmp_path):
+    """Widths passed before the checkpoint were written then: a resume lists them, and never rewrites them at the
+    narrower width the masks have now."""
+    import shutil
+
+    out = tmp_path / "widths"
+    argv = distill_argv(files["teacher"], files["corpus"], out, "--save_widths", "0.75", "0.5")
+    run_distillation(*_parse(argv))
+    resumed = Path(shutil.copytree(out, tmp_path / "resumed"))
+    before = {name: (resumed / name / "model.safetensors").read_bytes() for name in ("student-75pct", "student-50pct")}
+    argv = distill_argv(files["teacher"], files["corpus"], resumed, "--save_widths", "0.75", "0.5", "--resume_from_checkpoint",
+                        str(resumed / "checkpoints" / "checkpoint-6"))
+    summary = run_distillation(*_parse(argv))
+    assert summary["intermediate_students"] == {0.75: str(resumed / "student-75pct"), 0.5: str(resumed / "student-50pct")}
+    assert {name: (resumed / name / "model.safetensors").read_bytes() for name in before} == before
+    record = json.loads((resumed / "student-75pct" / "wid_summary.json").read_text())
+    assert record["student_widths"]["hidden"] == json.loads((resumed / "student-75pct" / "config.json").read_text())["hidden_size"]
+
+
 DDP_WORKER = ROOT / "tests" / "ddp_worker.py"
 
 

@@ -517,15 +517,27 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         except FoldError as error:
             notices.append(f"--save_widths {fraction:g}: not written ({error})")
             return
-        save_student(student, path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step},
+        widths = {"hidden": student.config.hidden_size, "heads": student.config.num_attention_heads,
+                  "intermediate": intermediate_size(student.config), "layers": student.config.num_hidden_layers}
+        save_student(student, path, tokenizer, {"hidden_fraction": fraction, "step": trainer.state.global_step,
+                                                "teacher": record["teacher"], "student_widths": widths,
+                                                "note": "cut at this mask update from the model in training (the hidden "
+                                                        "width is the fraction's; the FFN is as far as its own schedule got)"},
                      sentence_teacher=record["teacher"])
         student_dirs[fraction] = str(path)
 
     shrink_until = training_args.max_steps if recipe == "short" else None
-    trainer.add_callback(WIDScheduleCallback(trainer, args.save_widths or (), write_width, shrink_until))
+    schedule = WIDScheduleCallback(trainer, args.save_widths or (), write_width, shrink_until)
+    trainer.add_callback(schedule)
     for callback in callbacks:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    for fraction in schedule.saved - set(student_dirs):  # passed before a resume: written by the run that stopped
+        path = output_dir / f"student-{round(fraction * 100)}pct"
+        if (path / "config.json").is_file():
+            student_dirs[fraction] = str(path)
+        else:
+            notices.append(f"--save_widths {fraction:g}: passed before the resume, but {path} is gone; it cannot be written again")
 
     model = trainer.model
     model.to("cpu").float()

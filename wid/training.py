@@ -336,7 +336,11 @@ class WIDScheduleCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # a resumed run has just loaded its checkpoint, possibly without going through load_state_dict
-        wid_state(unwrap(self.trainer.model)).refresh()
+        model = unwrap(self.trainer.model)
+        wid_state(model).refresh()
+        if wid_state(model).masks_active:  # widths the resumed run had passed: their students were written then
+            hidden, dims = current_widths(model)["hidden"], wid_state(model).dims
+            self.saved.update(f for f in self.save_widths if hidden <= f * dims.hidden)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -168,6 +168,21 @@ def test_export_compensates_when_asked(paper_run, capsys):
     assert not torch.equal(load_file(on / "model.safetensors")[name], load_file(off / "model.safetensors")[name])
 
 
+def test_a_compensation_on_a_relative_corpus_verifies_from_anywhere(paper_run, capsys, monkeypatch):
+    """The student records its calibration corpus as an absolute path: `wid verify` elsewhere redoes the same one."""
+    monkeypatch.chdir(paper_run["corpus"].parent)
+    student = paper_run["base"] / "relative"
+    assert main(["export", str(paper_run["checkpoint"]), str(student), "--compensate", "on", "--calibration_batches", "2",
+                 "--corpus", paper_run["corpus"].name]) == 0
+    assert json.loads(capsys.readouterr().out)["compensation"]["corpus"] == [str(paper_run["corpus"])]
+    elsewhere = paper_run["base"] / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / paper_run["corpus"].name).write_text("another text entirely, which must not be read\n" * 50)
+    monkeypatch.chdir(elsewhere)
+    assert main(["verify", str(paper_run["checkpoint"]), str(student)]) == 0
+    assert json.loads(capsys.readouterr().out)["matches"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--compensate", "maybe"], "--compensate on or --compensate off"),
     (["--calibration_batches", "0"], "--calibration_batches must be at least 1"),

@@ -556,7 +556,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         notices.append(f"the schedule had not reached the target when training stopped: the remaining channels were cut at "
                        f"once (student vs the model as trained: logits max diff {to_trained:.3g})")
     if compensation is not None:
-        compensation.update(corpus=args.corpus, max_seq_length=args.max_seq_length, calibration_batches=args.calibration_batches)
+        compensation.update(corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length,
+                            calibration_batches=args.calibration_batches)
         if compensation["applied"]:
             print(f"[wid] {compensation_line(compensation)}")
     target_step = config.steps_to_target(dims)

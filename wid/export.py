@@ -300,7 +300,7 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
 
 def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATION_BATCHES, seq_len: int | None = None):
     """The calibration source of a checkpoint: its run's corpus and sequence length (wid_run.json) unless given."""
-    from .run_folder import read_run_record
+    from .run_folder import read_run_record, recorded_corpus
 
     record = read_run_record(checkpoint_dir) or {}
     tokenizer = _tokenizer_or_none(checkpoint_dir)
@@ -317,7 +317,7 @@ def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATI
             raise CheckpointError(f"the run's corpus (wid_run.json) cannot be read from here ({error}); pass the calibration "
                                   "text with --corpus FILE, or run wid export from the directory the run started in") from None
     seq_len = seq_len or record.get("max_seq_length") or 128
-    settings = {"corpus": corpus, "max_seq_length": seq_len, "calibration_batches": batches}
+    settings = {"corpus": recorded_corpus(corpus), "max_seq_length": seq_len, "calibration_batches": batches}
     return corpus_calibration(tokenizer, corpus, seq_len, batches), settings
 
 

@@ -75,10 +75,13 @@ def test_files_are_read_in_the_order_given(tokenizer, tmp_path):
 
 def test_directory_resolves_to_sorted_text_files_recursively(tmp_path):
     (tmp_path / "sub").mkdir()
-    for name in ("b.txt", "a.txt", "sub/c.txt", "ignored.csv"):
-        (tmp_path / name).write_text("some text\n", encoding="utf-8")
+    for name in ("b.txt", "a.txt", "sub/c.txt", "ignored.csv", "sub/d.jsonl", "config.json", "sub/.hidden.txt"):
+        (tmp_path / name).write_text('{"text": "some text"}\n' if "json" in name else "some text\n", encoding="utf-8")
     files = resolve_corpus(str(tmp_path))
-    assert [os.path.relpath(f, tmp_path) for f in files] == ["a.txt", "b.txt", os.path.join("sub", "c.txt")]
+    # a .json in a folder is a config or a saved dataset's metadata far more often than text: read only when named
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["a.txt", "b.txt", os.path.join("sub", "c.txt"),
+                                                            os.path.join("sub", "d.jsonl")]
+    assert resolve_corpus(str(tmp_path / "config.json")) == [str(tmp_path / "config.json")]
 
 
 def test_collator_masks_15_percent_80_10_10_never_special(tokenizer, corpus_file, tmp_path):

@@ -101,8 +101,13 @@ def _has_text(path: Path) -> bool:
     return _check_text_file(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
+# What a corpus folder contributes: text and JSON-lines files. A plain .json file is read only when given by name: in
+# a folder it is far more often a config or a saved dataset's metadata than text.
+FOLDER_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".jsonl.gz")
+
+
 def _is_corpus_file(path: Path) -> bool:
-    return path.name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+    return path.name.endswith(FOLDER_SUFFIXES) and not path.name.startswith(".")
 
 
 def _looks_like_path(entry: str) -> bool:
@@ -138,7 +143,8 @@ def resolve_corpus(corpus: str | list[str] | None) -> list[str] | str:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _is_corpus_file(p))
             if not found:
-                raise CorpusError(f"corpus directory {path} holds no .txt, .txt.gz or .jsonl files; put plain text files in it")
+                raise CorpusError(f"corpus directory {path} holds no {', '.join(FOLDER_SUFFIXES)} files; put plain text files in "
+                                  "it (a .json file is read when given by name)")
             candidates = found
         elif path.is_file():
             candidates = [path]

@@ -46,6 +46,17 @@ def test_a_nonsense_number_is_refused_before_anything_is_written(files, tmp_path
     assert not out.exists()
 
 
+def test_a_launch_of_several_processes_the_trainer_does_not_join_is_refused(files, tmp_path, capsys, monkeypatch):
+    """torchrun on CPUs without --use_cpu: each process would think it is the only one (a fight over the folder, and
+    a student without weights from the rank that does not save)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "2 processes were launched" in error and "--use_cpu true --ddp_backend gloo" in error
+    assert len(error.splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("epochs", ["0", "-2"])
 def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
     out = tmp_path / "out"

@@ -187,6 +187,15 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
         raise RunError(f"--calibration_batches must be at least 1, got {args.calibration_batches}")
 
 
+def check_launch(training_args: TrainingArguments) -> None:
+    """Refuse a multi-process launch the Trainer does not run distributed (torchrun on CPUs without --use_cpu): every
+    process would act as the only one, so they would fight over the output folder and one would write an empty student."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and training_args.world_size != launched:
+        raise RunError(f"{launched} processes were launched (torchrun/accelerate), but the Trainer runs "
+                       f"{training_args.world_size} (not distributed); on CPUs pass --use_cpu true --ddp_backend gloo")
+
+
 def wid_config_from(args: DistillArguments, dims: TeacherDims, default_preset: str | None = None) -> WIDConfig:
     preset = args.preset
     if preset is None and args.target_hidden is None:
@@ -328,6 +337,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     if not torch.cuda.is_available() or training_args.use_cpu:
         flush_denormals()  # before any torch work spawns the CPU thread pool
     check_numeric_arguments(args, training_args)
+    check_launch(training_args)
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")
     if args.save_widths and args.method != "wid":

@@ -57,6 +57,21 @@ def test_a_launch_of_several_processes_the_trainer_does_not_join_is_refused(file
     assert len(error.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("backend, fragment", [
+    ("bogus", "unknown --backend bogus; choose one of auto, reference"),
+    ("cuda", "--backend cuda is unavailable here (no GPU in this test); use --backend auto"),
+])
+def test_a_backend_that_cannot_run_here_is_refused_not_replaced(files, tmp_path, capsys, monkeypatch, backend, fragment):
+    import wid_kernels
+
+    status = dict(wid_kernels.available_backends(), cuda="no GPU in this test")
+    monkeypatch.setattr(wid_kernels, "available_backends", lambda: status)
+    out = tmp_path / "out"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out), "--backend", backend]) == 2
+    error = capsys.readouterr().err.strip()
+    assert fragment in error and len(error.splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("epochs", ["0", "-2"])
 def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
     out = tmp_path / "out"

@@ -187,6 +187,19 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
         raise RunError(f"--calibration_batches must be at least 1, got {args.calibration_batches}")
 
 
+def check_backend(name: str) -> None:
+    """A backend asked for by name runs as it is (no fallback): one that cannot load here is refused, not replaced."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return
+    status = wid_kernels.available_backends()
+    if name not in status:
+        raise RunError(f"unknown --backend {name}; choose one of auto, {', '.join(status)}")
+    if status[name] is not None:
+        raise RunError(f"--backend {name} is unavailable here ({status[name]}); use --backend auto (per op, checked, with "
+                       "fallback) or one that `wid info` lists as available")
+
+
 def check_launch(training_args: TrainingArguments) -> None:
     """Refuse a multi-process launch the Trainer does not run distributed (torchrun on CPUs without --use_cpu): every
     process would act as the only one, so they would fight over the output folder and one would write an empty student."""
@@ -338,6 +351,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         flush_denormals()  # before any torch work spawns the CPU thread pool
     check_numeric_arguments(args, training_args)
     check_launch(training_args)
+    check_backend(args.backend)
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")
     if args.save_widths and args.method != "wid":

@@ -69,6 +69,17 @@ def test_impossible_settings_are_refused(small_and_large, options, message):
         measure_speed(list(small_and_large), device="cpu", **options)
 
 
+@pytest.mark.parametrize("device, message", [
+    ("xyz", "--device xyz is not a device name; use cpu, cuda or cuda:N"),
+    ("meta", "wid speed times on cpu or cuda devices"),
+    ("mps", "wid speed times on cpu or cuda devices"),
+])
+def test_a_device_it_cannot_time_on_is_one_line(small_and_large, capsys, device, message):
+    assert wid_main(["speed", str(small_and_large[0]), "--device", device]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, small_and_large, capsys):
     assert wid_main(["speed", str(small_and_large[0]), str(tmp_path), "--device", "cpu"]) == 2
     assert "has no config.json" in capsys.readouterr().err

@@ -30,9 +30,18 @@ class SpeedError(ValueError):
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpeedError(f"--device {name} but torch sees no CUDA device; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpeedError(f"--device {name} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpeedError(f"--device {name} but torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpeedError(f"--device {name} but torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":  # mps, xpu, meta, …: nothing here times them
+        raise SpeedError(f"--device {name}: wid speed times on cpu or cuda devices; use --device cpu or cuda")
     return device
 
 

@@ -208,6 +208,16 @@ def test_a_missing_column_lists_the_columns_there_are(model_dir, tmp_path, heade
     assert missing in str(error.value) and header[0] in str(error.value)
 
 
+def test_a_file_that_is_not_utf8_is_refused_not_garbled(model_dir, tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_bytes("sentence,label\nle film était génial,pos\nnul,neg\n".encode("latin-1"))
+    with pytest.raises(EvaluationError, match=r"--train_file .*train\.csv is not UTF-8 \(byte 0xe9 on line 2\).*iconv"):
+        evaluate_model(model_dir, train_file=train, validation_file=train)
+    with_bom = tmp_path / "bom.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + "sentence,label\nle film était génial,pos\n".encode())
+    assert read_table(with_bom)[0] == {"sentence": "le film était génial", "label": "pos"}
+
+
 def test_the_validation_file_needs_the_train_files_columns(model_dir, tmp_path):
     train = write_rows(tmp_path / "train.csv", ("sentence", "label"), sentiment_rows(4, 0))
     dev = write_rows(tmp_path / "dev.csv", ("text", "label"), sentiment_rows(4, 1))

@@ -264,6 +264,8 @@ def test_similarity_of_a_model_with_itself_is_one(tmp_path):
     teacher = _sentence_teacher(tmp_path)
     report = compare_sentence_encoders(teacher, teacher, ["a b", "the model learns", "small dense weights", "english text"])
     assert report["spearman"] == pytest.approx(1.0) and report["mean_abs_cosine_difference"] < 1e-6
+    repeated = compare_sentence_encoders(teacher, teacher, ["a b", "the model learns", "a b", "english text", "a b"])
+    assert (repeated["num_texts"], repeated["num_pairs"]) == (3, 3)  # a repeated text is one text, not pairs of similarity 1
 
 
 def test_sentence_modules_that_cannot_follow_the_cut_are_named(tmp_path):
@@ -281,6 +283,13 @@ def test_similarity_bad_input_is_one_line(tmp_path, capsys):
     assert main(["similarity", str(tmp_path / "missing"), str(tmp_path / "missing2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0]
+    teacher = _sentence_teacher(tmp_path)
+    capsys.readouterr()
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("une phrase\nle modèle apprend\n".encode("latin-1"))
+    assert main(["similarity", str(teacher), str(teacher), "--texts", str(latin)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not UTF-8 (byte 0xe8 on line 2)" in err[0]
 
 
 def test_the_built_in_teacher_gives_a_sentence_transformers_student(tmp_path):

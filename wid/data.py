@@ -43,6 +43,18 @@ def default_corpus_files(heldout: bool = False) -> list[str]:
     raise CorpusError(f"the shipped corpus {CORPUS_DIR / (stem + '.txt')} is missing; reinstall wid or pass --corpus FILES")
 
 
+def read_utf8_text(path, error=ValueError, what: str = "file") -> str:
+    """A small text file's content (a leading BOM dropped), or `error`, one line naming the line and the byte, when it
+    is not UTF-8: decoding with replacement characters would silently garble every accented letter."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise error(f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); convert it, e.g. iconv -f "
+                    "latin1 -t utf-8") from None
+
+
 @functools.lru_cache(maxsize=256)
 def _check_text_file(path: Path, size: int, mtime_ns: int) -> bool:
     """Whether the file holds text (any non-whitespace character); CorpusError, one line, when it is not readable

@@ -22,6 +22,7 @@ import argparse
 import csv
 import importlib.util
 import inspect
+import io
 import json
 import random
 import time
@@ -157,10 +158,13 @@ def read_table(path, flag: str = "--train_file") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist; pass an existing CSV or TSV file to {flag}")
+    from .data import read_utf8_text
+
     tsv = path.suffix.lower() == ".tsv"
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as file:
-        reader = csv.DictReader(file, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        rows = list(reader)
+    text = read_utf8_text(path, EvaluationError, flag)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    rows = list(reader)
     if not rows:
         raise EvaluationError(f"{path} has no rows below its header; pass a {'TSV' if tsv else 'CSV'} file with a header line and examples")
     return rows

@@ -127,12 +127,14 @@ def load_sentence_encoder(model_dir, device: str = "cpu"):
 
 def read_texts(files) -> list[str]:
     """Non-empty lines of text files, one text each."""
+    from .data import read_utf8_text
+
     texts = []
     for name in files:
         path = Path(name)
         if not path.is_file():
             raise SentenceEncoderError(f"--texts {name} is not a file; pass text files with one text per line")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        texts += [line.strip() for line in read_utf8_text(path, SentenceEncoderError, "--texts").splitlines() if line.strip()]
     return texts
 
 
@@ -149,7 +151,7 @@ def compare_sentence_encoders(teacher_dir, student_dir, texts=None, num_texts: i
     if num_texts < 3:
         raise SentenceEncoderError(f"--num_texts is {num_texts}; pass at least 3 (pairs of texts are compared)")
     texts = list(texts) if texts is not None else default_texts(num_texts)
-    texts = texts[:num_texts]
+    texts = list(dict.fromkeys(texts))[:num_texts]  # a repeated text would add pairs of similarity 1 to both sides
     if len(texts) < 3:
         raise SentenceEncoderError(f"only {len(texts)} texts to compare; give at least 3 non-empty lines")
     similarities, dimensions = {}, {}

@@ -114,6 +114,26 @@ def test_a_decoder_tied_to_the_embeddings_stays_tied():
     assert difference <= 1e-4 and report["linears_compensated"] > 0
 
 
+@pytest.mark.parametrize("sequences, evaluated", [(40, 8), (100, 32), (32, 0)])
+def test_the_kl_is_measured_on_sequences_the_calibration_did_not_see(sequences, evaluated):
+    from wid.compensate import calibration_source
+
+    dataset = [{"input_ids": torch.full((5,), i)} for i in range(sequences)]
+    calibration, evaluation = calibration_source(dataset, batches=2)()
+    seen = {int(row[0]) for batch in calibration for row in batch["input_ids"]}
+    measured = [int(row[0]) for batch in evaluation for row in batch["input_ids"]]
+    assert len(seen) == 32 and len(measured) == evaluated and not seen & set(measured)
+
+
+def test_a_corpus_used_up_by_the_calibration_says_the_kl_was_not_measured():
+    from wid.distill import compensation_line
+
+    model = _trained_at_target(dict(layers=1, heads=2, head_dim=3, intermediate=11, vocab=41), "dim", "mask")
+    _, _, report = fold_compensated(model, _batches(41, 2, seed=1), [])
+    assert report["kl_to_trained_compensated"] is None and report["kl_evaluation_sequences"] == 0
+    assert "not measured" in compensation_line(report)
+
+
 def test_an_exact_cut_reads_no_calibration_data():
     model = _trained_at_target(dict(layers=1, heads=2, head_dim=3, intermediate=11, vocab=41), "dim", "mask")
     wid.prune(model)  # masked entries exactly zero

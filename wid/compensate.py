@@ -38,15 +38,16 @@ CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 16
 
 
-def calibration_batches(dataset, batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH_SIZE,
-                        offset: int = 0) -> list[dict]:
-    """Model inputs from evenly spaced sequences of a tokenised dataset (plain text, no MLM masking: the student
-    is used on plain text). `offset` shifts every pick, so a second call gives other sequences to evaluate on."""
-    count = min(len(dataset), batches * batch_size)
-    if count == 0:
-        return []
-    step = len(dataset) / count
-    picks = sorted({(int(i * step) + offset) % len(dataset) for i in range(count)})
+def spread_picks(length: int, count: int, exclude=frozenset()) -> list[int]:
+    """`count` evenly spaced indices of range(length) outside `exclude` (fewer when fewer are left)."""
+    pool = [index for index in range(length) if index not in exclude]
+    count = min(len(pool), count)
+    return sorted({pool[int(i * len(pool) / count)] for i in range(count)}) if count else []
+
+
+def batches_at(dataset, picks: list[int], batch_size: int = CALIBRATION_BATCH_SIZE) -> list[dict]:
+    """Model inputs of the picked sequences of a tokenised dataset (plain text, no MLM masking: the student is used
+    on plain text)."""
     inputs = []
     for start in range(0, len(picks), batch_size):
         rows = [dataset[i] for i in picks[start:start + batch_size]]
@@ -57,6 +58,11 @@ def calibration_batches(dataset, batches: int = CALIBRATION_BATCHES, batch_size:
         batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
         inputs.append(batch)
     return inputs
+
+
+def calibration_batches(dataset, batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH_SIZE) -> list[dict]:
+    """`batches` batches of evenly spaced sequences of a tokenised dataset."""
+    return batches_at(dataset, spread_picks(len(dataset), batches * batch_size), batch_size)
 
 
 class InputStatistics:
@@ -285,6 +291,8 @@ def fold_compensated(model, calibration: list[dict], evaluation: list[dict] | No
     with compensation.applied():
         difference = verify_fold(trained, student)
     report = compensation.report()
+    report["kl_evaluation_sequences"] = sum(len(batch["input_ids"]) for batch in evaluation or ())
+    report["kl_to_trained_plain_cut"] = report["kl_to_trained_compensated"] = None
     if evaluation:
         report["kl_to_trained_plain_cut"] = logit_divergence(trained, fold(model, progressbar=False), evaluation)
         report["kl_to_trained_compensated"] = logit_divergence(trained, student, evaluation)
@@ -300,9 +308,12 @@ def calibration_source(dataset, batches: int = CALIBRATION_BATCHES, evaluation_d
     """A callable giving (calibration batches, evaluation batches): built only if there is something to compensate.
     Evaluation uses held-out sequences when given, else other sequences of `dataset`."""
     def build():
-        evaluation = calibration_batches(evaluation_dataset, 2) if evaluation_dataset is not None and len(evaluation_dataset) else \
-            calibration_batches(dataset, 2, offset=1)
-        return calibration_batches(dataset, batches), evaluation
+        picks = spread_picks(len(dataset), batches * CALIBRATION_BATCH_SIZE)
+        if evaluation_dataset is not None and len(evaluation_dataset):
+            evaluation = calibration_batches(evaluation_dataset, 2)
+        else:  # sequences the calibration did not see (none left: the KL is not measured, and the report says so)
+            evaluation = batches_at(dataset, spread_picks(len(dataset), 2 * CALIBRATION_BATCH_SIZE, exclude=set(picks)))
+        return batches_at(dataset, picks), evaluation
     return build
 
 

@@ -603,9 +603,13 @@ def _train_baseline(model, config, dataset, tokenizer, training_args, args, outp
 
 
 def compensation_line(compensation: dict) -> str:
-    return (f"compensated cut: {compensation['linears_compensated']} linears on {compensation['calibration_tokens']} calibration "
-            f"tokens; KL to the trained model {compensation['kl_to_trained_plain_cut']:.4g} (plain cut) → "
-            f"{compensation['kl_to_trained_compensated']:.4g} nats/token")
+    line = (f"compensated cut: {compensation['linears_compensated']} linears on {compensation['calibration_tokens']} calibration "
+            "tokens; ")
+    if compensation.get("kl_to_trained_compensated") is None:
+        return line + "KL to the trained model not measured (every sequence of the corpus went into the calibration)"
+    return line + (f"KL to the trained model on {compensation.get('kl_evaluation_sequences', '?')} other sequences "
+                   f"{compensation['kl_to_trained_plain_cut']:.4g} (plain cut) → {compensation['kl_to_trained_compensated']:.4g} "
+                   "nats/token")
 
 
 def format_summary(summary: dict) -> str:

@@ -24,7 +24,7 @@ from .compactors import attach
 from .config import WIDConfig
 from .fold import fold
 from .masks import prune
-from .training import MaskedLMTrainer, MaskedPositionSelector
+from .training import MaskedLMTrainer, MaskedPositionSelector, trained_model
 
 METHODS = ("wid", "kd", "mlm", "prune")
 
@@ -89,4 +89,4 @@ def train_baseline(method: str, teacher, config: WIDConfig, dataset, tokenizer, 
     else:
         trainer = MaskedLMTrainer(**common)
     trainer.train(resume_from_checkpoint=resume)
-    return trainer.model.to("cpu").float().eval(), trainer
+    return trained_model(trainer).eval(), trainer

@@ -33,7 +33,7 @@ from .masks import at_target, masked_compactor_fraction, masked_entry_norm
 from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, check_resume_step, last_complete_checkpoint,
                          read_run_record, recorded_corpus, recorded_path, resume_checkpoint)
 from .training import (RECIPES, MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
-                       flush_denormals, penalty_budget_notice, warmup_steps_for)
+                       flush_denormals, penalty_budget_notice, trained_model, warmup_steps_for)
 
 # The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (under 10 minutes).
 # Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
@@ -563,8 +563,7 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         else:
             notices.append(f"--save_widths {fraction:g}: passed before the resume, but {path} is gone; it cannot be written again")
 
-    model = trainer.model
-    model.to("cpu").float()
+    model = trained_model(trainer)
     cut_at_once = not at_target(model)
     left = masked_compactor_fraction(model)
     lr_after_target = compactor_lr_after(config, training_args.max_steps, config.steps_to_target(dims))

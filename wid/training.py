@@ -64,6 +64,14 @@ class MaskedPositionSelector:
         return (args[0][self.positions],) + tuple(args[1:])
 
 
+def trained_model(trainer):
+    """The trainer's model after training, on the CPU in fp32, without the autocast wrapper that mixed precision
+    (--bf16/--fp16) put on its forward: checks and metrics after training must run in fp32 like the student's."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False).to("cpu").float()
+
+
 def unwrap(model):
     """The model inside DDP/FSDP/compile wrappers."""
     while hasattr(model, "module"):

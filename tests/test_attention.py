@@ -204,6 +204,23 @@ def test_output_writes_a_png_and_leaves_no_temporary_file(tmp_path, tokenizer):
     assert [p.name for p in figure.parent.iterdir()] == ["attention.png"]
 
 
+@pytest.mark.parametrize("name, magic", [("attention.jpg", b"\xff\xd8\xff"), ("attention.pdf", b"%PDF"),
+                                         ("attention.svg", b"<?xml")])
+def test_the_figure_is_written_in_the_format_its_name_says(tmp_path, tokenizer, name, magic):
+    teacher = random_model(tmp_path / "t", tokenizer, seed=0)
+    figure = tmp_path / name
+    compare_attention(teacher, teacher, texts=TEXTS[:2], output=figure)
+    assert figure.read_bytes()[:len(magic)] == magic
+
+
+def test_a_figure_name_of_another_format_is_refused_before_any_work(tmp_path, capsys):
+    from wid.cli import main as wid
+
+    assert wid(["attention", str(tmp_path / "t"), str(tmp_path / "s"), "--output", str(tmp_path / "figure.bmp")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "a figure is written as .png, .pdf, .svg, .jpg" in error[0]
+
+
 def test_main_prints_the_table_and_writes_json(tmp_path, tokenizer, capsys):
     teacher = random_model(tmp_path / "t", tokenizer, seed=0)
     student = random_model(tmp_path / "s", tokenizer, seed=1)

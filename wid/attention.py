@@ -263,10 +263,11 @@ def write_figure(report: dict, teacher_example: torch.Tensor, student_example: t
             axis.set_yticks([])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".tmp-{output.stem}-", suffix=".png", dir=output.parent)
+    kind = figure_format(output)
+    handle, tmp = tempfile.mkstemp(prefix=f".tmp-{output.stem}-", suffix=f".{kind}", dir=output.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=110)
+            figure.savefig(stream, format=kind, dpi=110)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be shared
         os.replace(tmp, output)
     finally:
@@ -274,6 +275,19 @@ def write_figure(report: dict, teacher_example: torch.Tensor, student_example: t
         if os.path.exists(tmp):
             os.unlink(tmp)
     return output
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def figure_format(output) -> str:
+    """The figure's file format, from the name's extension (none: png); AttentionComparisonError for one matplotlib
+    would not write, so the file is what its name says."""
+    kind = Path(output).suffix.lower().lstrip(".") or "png"
+    if kind not in FIGURE_FORMATS:
+        raise AttentionComparisonError(f"--output {output}: a figure is written as {', '.join('.' + k for k in FIGURE_FORMATS)}; "
+                                       "name the file with one of these extensions")
+    return kind
 
 
 def _matrix(title: str, report: dict, cell, mean=None) -> list[str]:
@@ -311,7 +325,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="wid attention", description="compare a student's attention maps with its teacher's")
     parser.add_argument("teacher_dir")
     parser.add_argument("student_dir")
-    parser.add_argument("--output", help="write a PNG figure here (heat-map of per-head similarity, example maps)")
+    parser.add_argument("--output", help="write the figure here (.png, .pdf, .svg or .jpg; heat-map of per-head similarity, example maps)")
     parser.add_argument("--json", help="write the full report as JSON here")
     parser.add_argument("--max_seq_length", type=int, default=128, help="tokens per text (default 128)")
     parser.add_argument("--num_texts", type=int, default=DEFAULT_NUM_TEXTS,
@@ -319,6 +333,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_seq_length < 2:
         raise AttentionComparisonError(f"--max_seq_length is {args.max_seq_length}; pass at least 2")
+    if args.output is not None:
+        figure_format(args.output)
     for target, flag in ((args.output, "--output"), (args.json, "--json")):
         if target is not None:  # before the computation, not after it
             check_writable_folder(Path(target).parent, AttentionComparisonError, f"folder of {flag}")

@@ -246,6 +246,12 @@ def test_info_reports_versions_and_backends(capsys):
     assert "triton" in out and "cuda" in out
 
 
+def test_info_takes_no_options(capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse: usage and the error on stderr, exit status 2
+        main(["info", "--backend", "torch"])
+    assert stop.value.code == 2 and "unrecognized arguments: --backend torch" in capsys.readouterr().err
+
+
 def test_unknown_command_prints_usage(capsys):
     assert main(["distil"]) == 2
     assert "usage: wid" in capsys.readouterr().err

@@ -112,6 +112,9 @@ def verify(argv) -> int:
 def info(argv) -> int:
     import platform
 
+    argparse.ArgumentParser(prog="wid info", description="versions, devices, and per device and op the kernel backend in "
+                            "use and why (choose with WID_BACKEND or wid distill --backend)").parse_args(argv)
+
     import torch
     import transformers
 
@@ -122,7 +125,7 @@ def info(argv) -> int:
         f"wid {wid.__version__}, python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"devices: cpu ({os.cpu_count()} cores)"
         + "".join(f", cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())),
-        f"kernel backend: {wid_kernels.get_backend()} (set with --backend or WID_BACKEND; auto chooses per op, checks each "
+        f"kernel backend: {wid_kernels.get_backend()} (set with wid distill --backend or WID_BACKEND; auto chooses per op, checks each "
         "choice once against the reference and falls back with a warning if a kernel fails)",
         "backends:",
     ]

@@ -166,6 +166,17 @@ def test_a_failed_run_leaves_nothing_that_blocks_the_retry(files, tmp_path, caps
     assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out)]) == 0
 
 
+def test_the_teachers_own_folder_is_refused_as_output_dir(files, tmp_path, capsys):
+    import shutil
+
+    teacher = shutil.copytree(files["teacher"], tmp_path / "teacher")
+    before = sorted(p.name for p in teacher.iterdir())
+    argv = distill_argv(teacher, files["corpus"], teacher, "--overwrite_output_dir")
+    assert main(["distill", *argv]) == 2
+    assert "is the teacher's folder" in _one_line(capsys)
+    assert sorted(p.name for p in teacher.iterdir()) == before
+
+
 def test_an_output_dir_that_is_a_file_is_refused(files, tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("x")

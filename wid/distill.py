@@ -373,6 +373,10 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     if training_args.resume_from_checkpoint:
         training_args = _trainer_args(training_args, resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     output_dir = Path(training_args.output_dir)
+    if Path(teacher_name).is_dir() and output_dir.resolve() in (Path(teacher_name).resolve(),
+                                                                 Path(encoder_folder(teacher_name)).resolve()):
+        raise RunError(f"--output_dir {output_dir} is the teacher's folder: the student would replace the teacher; choose "
+                       "another --output_dir")
     folder = RunFolder(output_dir, args.overwrite_output_dir, bool(training_args.resume_from_checkpoint),
                        main_process=training_args.process_index == 0)
     try:

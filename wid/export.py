@@ -19,10 +19,10 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .architecture import base_prefix, encoder_model_class, family_of, intermediate_size, mlm_model_class
 from .compactors import attach
-from .config import WIDConfig
-from .data import TOKENIZER_FILES
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
                          fold_compensated, needs_compensation)
+from .config import WIDConfig
+from .data import TOKENIZER_FILES
 from .fold import check_logits, fold, fold_check_inputs, verify_fold
 from .masks import finalize, masked_entry_norm
 

@@ -51,8 +51,8 @@ class DistillationTrainer(MaskedLMTrainer):
     def log(self, logs, *args, **kwargs):
         """Log the objective's two parts beside it (`mlm_loss` is comparable with the other methods' `loss`); read
         here, where the Trainer reads the loss anyway, not every step."""
-        if self._parts is not None and "loss" in logs:
-            mlm, kd, count = self._parts.tolist()
+        if self._parts is not None and "loss" in logs:  # every process logs (the Trainer gathers the loss there too)
+            mlm, kd, count = self.accelerator.reduce(self._parts, reduction="sum").tolist()
             logs.update(mlm_loss=mlm / max(count, 1), kd_loss=kd / max(count, 1))
             self._parts = None
         super().log(logs, *args, **kwargs)

@@ -72,6 +72,17 @@ def test_a_backend_that_cannot_run_here_is_refused_not_replaced(files, tmp_path,
     assert fragment in error and len(error.splitlines()) == 1 and not out.exists()
 
 
+def test_a_reporting_integration_that_is_not_installed_is_one_line(files, tmp_path, capsys, monkeypatch):
+    import transformers.integrations.integration_utils as integrations
+
+    monkeypatch.setattr(integrations, "is_wandb_available", lambda: False)
+    out = tmp_path / "out"
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], out), "--report_to", "wandb"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--report_to wandb: WandbCallback requires wandb to be installed" in error and "--report_to none" in error
+    assert len(error.splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("epochs", ["0", "-2"])
 def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
     out = tmp_path / "out"

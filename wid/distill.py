@@ -200,6 +200,19 @@ def check_backend(name: str) -> None:
                        "fallback) or one that `wid info` lists as available")
 
 
+def check_reporting(training_args: TrainingArguments) -> None:
+    """Build the --report_to integrations' callbacks once, before any loading: one that is not installed (or not known)
+    is then one line, not a traceback after the teacher has loaded."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        for callback in get_reporting_integration_callbacks(training_args.report_to):
+            callback()
+    except (RuntimeError, ImportError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RunError(f"--report_to {' '.join(training_args.report_to)}: {reason} (or pass --report_to none)") from None
+
+
 def check_launch(training_args: TrainingArguments) -> None:
     """Refuse a multi-process launch the Trainer does not run distributed (torchrun on CPUs without --use_cpu): every
     process would act as the only one, so they would fight over the output folder and one would write an empty student."""
@@ -352,6 +365,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
     check_numeric_arguments(args, training_args)
     check_launch(training_args)
     check_backend(args.backend)
+    check_reporting(training_args)
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")
     if args.save_widths and args.method != "wid":

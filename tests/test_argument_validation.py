@@ -83,6 +83,12 @@ def test_a_reporting_integration_that_is_not_installed_is_one_line(files, tmp_pa
     assert len(error.splitlines()) == 1 and not out.exists()
 
 
+def test_the_backend_variable_is_used_when_no_flag_is_given(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WID_BACKEND", "bogus")
+    assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "out")]) == 2
+    assert "unknown --backend bogus" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("epochs", ["0", "-2"])
 def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
     out = tmp_path / "out"

@@ -90,7 +90,8 @@ class DistillArguments:
     updates_per_head: int = field(default=2, metadata={"help": "head strategy: mask updates per removed head"})
     teacher_lr: float = field(default=1e-6, metadata={"help": "learning rate of the inherited teacher weights"})
     compactor_lr: float = field(default=5e-5, metadata={"help": "learning rate of the compactors"})
-    backend: str = field(default="auto", metadata={"help": "kernel backend: auto | reference | torch | triton | cuda"})
+    backend: str | None = field(default=None, metadata={"help": "kernel backend: auto | reference | torch | triton | cuda "
+                                                              "(default: $WID_BACKEND, else auto)"})
     head_warmup_steps: int | None = field(default=None, metadata={"help": "MLM-head warm-up steps (encoder frozen); default: 0 if the teacher has a head"})
     head_warmup_lr: float = field(default=5e-4, metadata={"help": "learning rate of the head warm-up"})
     save_widths: list[float] | None = field(default=None, metadata={"help": "also write students when the hidden width passes these fractions, e.g. 0.75 0.5"})
@@ -364,6 +365,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         flush_denormals()  # before any torch work spawns the CPU thread pool
     check_numeric_arguments(args, training_args)
     check_launch(training_args)
+    args.backend = args.backend or os.environ.get("WID_BACKEND") or "auto"  # the flag, else the variable, as wid info
     check_backend(args.backend)
     check_reporting(training_args)
     if args.method not in METHODS:

@@ -125,3 +125,25 @@ def test_impossible_target_is_refused_at_attach(teacher):
     with pytest.raises(ValueError, match="larger than the teacher's hidden size 12"):
         wid.attach(teacher, WIDConfig(target_hidden=24))
     assert not hasattr(teacher, "wid_state")
+
+
+def test_a_saved_compactor_model_reloads_with_load_checkpoint(tmp_path):
+    teacher = make_teacher(layers=2, heads=3, head_dim=4)
+    model = wid.attach(teacher, WIDConfig(target_hidden=6, target_intermediate=9))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    wid.update_masks(model)
+    model.save_pretrained(tmp_path)
+    reloaded = wid.load_checkpoint(tmp_path)
+    input_ids, attention_mask = random_batch(teacher.config.vocab_size)
+    model.eval()
+    torch.testing.assert_close(reloaded(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               model(input_ids=input_ids, attention_mask=attention_mask).logits, rtol=0, atol=1e-6)
+    assert wid.current_widths(reloaded) == wid.current_widths(model) != wid.current_widths(wid.attach(
+        make_teacher(layers=2, heads=3, head_dim=4), WIDConfig(target_hidden=6, target_intermediate=9)))
+    BertForMaskedLM(BertConfig(vocab_size=41, hidden_size=12, num_attention_heads=3, intermediate_size=17,
+                               num_hidden_layers=1)).save_pretrained(tmp_path / "plain")
+    with pytest.raises(wid.CheckpointError, match="plain model"):
+        wid.load_checkpoint(tmp_path / "plain")

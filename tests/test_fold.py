@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -108,7 +109,9 @@ def test_unpruned_fold_gives_the_teacher_back():
     input_ids, attention_mask = random_batch(teacher.config.vocab_size)
     expected = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
     model = wid.attach(teacher, WIDConfig(target_hidden=6, target_intermediate=9))
-    student = wid.fold(model)
+    with pytest.warns(UserWarning, match=r"no channel is masked yet.*wid\.prune") as caught:
+        student = wid.fold(model)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert student.config.hidden_size == 12
     torch.testing.assert_close(student(input_ids=input_ids, attention_mask=attention_mask).logits, expected, rtol=0, atol=1e-5)
 
@@ -121,11 +124,17 @@ def test_encoder_export_keeps_the_pooler_on_kept_channels():
     model = wid.attach(encoder, WIDConfig(target_hidden=6, target_intermediate=9))
     perturb(model)
     wid.prune(model)
-    student_encoder = wid.fold(model, with_head=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pruned: no "nothing masked" warning
+        student_encoder = wid.fold(model, with_head=False)
     assert type(student_encoder) is BertModel and student_encoder.pooler is not None
     keep = model.wid_state.keep_hidden
     torch.testing.assert_close(student_encoder.pooler.dense.weight, model.bert.pooler.dense.weight.detach()[keep][:, keep])
     assert not torch.equal(pooler_weight, torch.zeros_like(pooler_weight))
+    assert wid.verify_fold(model, student_encoder) < 1e-5  # a base encoder is compared on its kept hidden channels
+    with torch.no_grad():
+        student_encoder.encoder.layer[0].output.dense.bias[0] += 0.1
+    assert wid.verify_fold(model, student_encoder) > 1e-3
     student = wid.fold(model)
     assert wid.verify_fold(model, student) <= 1e-4
 
@@ -133,7 +142,8 @@ def test_encoder_export_keeps_the_pooler_on_kept_channels():
 def test_tied_decoder_is_untied_unless_identical():
     config = BertConfig(vocab_size=41, hidden_size=12, num_attention_heads=3, intermediate_size=17, num_hidden_layers=1)
     model = wid.attach(BertModel(config), WIDConfig(target_hidden=6, target_intermediate=9))
-    assert wid.fold(model).config.tie_word_embeddings is True  # identity compactors: still identical
+    with pytest.warns(UserWarning, match="no channel is masked yet"):
+        assert wid.fold(model).config.tie_word_embeddings is True  # identity compactors: still identical
     perturb(model)
     wid.prune(model)
     assert wid.fold(model).config.tie_word_embeddings is False

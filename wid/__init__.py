@@ -6,10 +6,12 @@ Families: bert, roberta, xlm-roberta, camembert, electra, distilbert (wid.archit
     optimizer = wid.build_optimizer(model)                        # AdamW + the WID update rule
     ... every w_step steps: wid.update_masks(model) ...
     student = wid.fold(model)                                     # plain model of the teacher's class
+    model.save_pretrained(d); model = wid.load_checkpoint(d)      # the compactor model, masks included
 """
 from .architecture import TeacherDims, UnsupportedModelError
 from .compactors import CompactedLinear, MaskedLayerNorm, WIDState, attach
 from .config import PRESETS, WIDConfig
+from .export import CheckpointError, load_checkpoint
 from .fold import FoldError, fold, kept_indices, verify_fold
 from .masks import (
     KeptWidths,
@@ -29,5 +31,5 @@ __all__ = [
     "WIDConfig", "PRESETS", "TeacherDims", "UnsupportedModelError", "attach", "CompactedLinear", "MaskedLayerNorm",
     "WIDState", "update_masks", "apply_schedule", "prune", "kept_widths", "KeptWidths", "masked_parameters",
     "masked_entry_norm", "current_widths", "WIDAdamW", "build_optimizer", "fold", "verify_fold", "kept_indices",
-    "FoldError",
+    "FoldError", "load_checkpoint", "CheckpointError",
 ]

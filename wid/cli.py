@@ -37,9 +37,9 @@ def distill(argv) -> int:
     defaults = {}
     if not _given(argv, "output_dir"):
         defaults["output_dir"] = "wid-student"
-    if args.teacher is None and args.corpus is None and not _given(argv, "max_steps"):
+    if args.teacher is None and args.corpus is None:  # the built-in default run; what is given replaces its value
         for name in ("max_steps", "per_device_train_batch_size", "logging_steps", "learning_rate"):
-            if not _given(argv, name):
+            if not _given(argv, name) and not (name == "max_steps" and _given(argv, "num_train_epochs")):
                 defaults[name] = DEFAULT_RUN[name]
         if args.preset is None and args.target_hidden is None:
             args.preset = DEFAULT_RUN["preset"]

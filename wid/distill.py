@@ -1,9 +1,9 @@
 """One WID distillation run, end to end: teacher → data → (head warm-up) → WID → fold → student.
 
 `DistillArguments` holds the WID-specific flags of `wid distill`; the Trainer's own options come in
-a `transformers.TrainingArguments`. With no teacher, corpus or step count given, the run uses the
-built-in default (all-MiniLM-L6-v2 and the shipped corpus) sized to finish on a 2-core CPU in
-about 10 minutes. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
+a `transformers.TrainingArguments`. With no teacher or corpus given, the run uses the built-in default
+(all-MiniLM-L6-v2 and the shipped corpus, DEFAULT_RUN) sized to finish on a 2-core CPU in about 10
+minutes; a flag given (`--max_steps 800`) replaces that one value and keeps the others. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_setti
 from .training import (RECIPES, MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
                        flush_denormals, penalty_budget_notice, trained_model, warmup_steps_for)
 
-# The built-in default run (no teacher, corpus or max_steps given), sized for a 2-core CPU (under 10 minutes).
-# Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
+# The built-in default run (no teacher or corpus given; each value unless given), sized for a 2-core CPU (under 10
+# minutes). Its budget is ~1/2500 of the paper's steps, so the schedule is compressed. The teacher gets the MLM head that
 # wid ships for it (wid/heads/, built by scripts/train_default_head.py), so no head warm-up runs. The compactors
 # keep the paper's learning rate: raising it (2e-4, 2e-3) to let the penalty finish within the run collapsed the
 # student to a constant output (benchmarks/QUALITY.md; README, "The built-in default run"). At this budget
@@ -49,9 +49,11 @@ DEFAULT_RUN = dict(preset="half", max_steps=160, per_device_train_batch_size=16,
 
 # Gradient clipping by recipe, when --max_grad_norm is not given (the CLI passes CLIP_BY_RECIPE): the authors do
 # not clip; the short recipe clips at 1.0, which kept the default run's student from collapsing in the study of
-# benchmarks/QUALITY.md (2026-12-02). The baselines get the paper value, as before.
+# benchmarks/QUALITY.md (2026-12-02). The baselines (no recipe) clip at 1.0, the Trainer's own default, as in README's
+# comparison: at the default budget (seed 42) clipping lowered their held-out MLM loss (kd 7.04 vs 7.13, mlm 7.10 vs
+# 7.18) at a tweet_sentiment within the seed effect (kd 0.821 vs 0.833, mlm 0.828 vs 0.832).
 CLIP_BY_RECIPE = -1.0
-RECIPE_CLIPPING = {"paper": 0.0, "short": 1.0}
+RECIPE_CLIPPING = {"paper": 0.0, "short": 1.0, None: 1.0}
 
 
 @dataclass
@@ -261,6 +263,11 @@ def _encoder_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix) and "compactor" not in name)
 
 
+def sequences_per_step(training_args) -> int:
+    """Sequences per optimizer step: per-device batch × accumulation × processes."""
+    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+
+
 def _last_loss(trainer, key: str = "loss") -> float | None:
     losses = [entry[key] for entry in trainer.state.log_history if key in entry]
     return float(losses[-1]) if losses else None
@@ -424,29 +431,32 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     heldout = build_mlm_dataset(tokenizer, None, seq_len=args.max_seq_length, heldout=True) if args.corpus is None else None
     collator = mlm_collator(tokenizer)
     if training_args.max_steps <= 0:  # epochs given: WID's schedule is in steps, so convert
-        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
-        steps = math.ceil(len(dataset) / per_step) * training_args.num_train_epochs
+        steps = math.ceil(len(dataset) / sequences_per_step(training_args)) * training_args.num_train_epochs
         training_args = _trainer_args(training_args, max_steps=max(1, int(steps)))
     recipe = None
+    resumed = (read_run_record(training_args.resume_from_checkpoint) or {}) if training_args.resume_from_checkpoint else {}
     if args.method == "wid":
+        saved_w_step = (resumed.get("wid_config") or {}).get("w_step")
+        if args.w_step is None and saved_w_step:  # a resume with a larger --max_steps keeps the run's mask updates
+            config = dataclasses.replace(config, w_step=saved_w_step)
         w_step, notice = fit_w_step(config, dims, training_args.max_steps)
         config = dataclasses.replace(config, w_step=w_step)
         if notice:
             notices.append(notice)
             print(f"[wid] {notice}")
         recipe, why = choose_recipe(args.recipe, config, dims, training_args.max_steps)
-        started_with = (read_run_record(training_args.resume_from_checkpoint) or {}).get("recipe") \
-            if training_args.resume_from_checkpoint and args.recipe == "auto" else None
+        started_with = resumed.get("recipe") if args.recipe == "auto" else None
         if started_with in RECIPES[1:] and started_with != recipe:  # a resume with other --max_steps keeps its run's recipe
             recipe, why = started_with, f"the resumed run's; --recipe auto alone would take {recipe} for {training_args.max_steps} steps"
     if training_args.max_grad_norm == CLIP_BY_RECIPE:
-        training_args = _trainer_args(training_args, max_grad_norm=RECIPE_CLIPPING[recipe or "paper"])
+        training_args = _trainer_args(training_args, max_grad_norm=RECIPE_CLIPPING[recipe])
     if recipe is not None:
         print(f"[wid] recipe {recipe} ({why}): masked entries shrink to 0 by the last step "
               f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
     record = dict(method=args.method, recipe=recipe, teacher=recorded_path(teacher_name),
                   teacher_fingerprint=teacher_fingerprint(encoder_dir), wid_config=config.to_dict(),
-                  corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length)
+                  corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length,
+                  train_batch_size=sequences_per_step(training_args))
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
         check_resume_step(training_args.resume_from_checkpoint, training_args.max_steps, output_dir)
@@ -466,7 +476,7 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     if warmup_steps > 0:
         key = warmup_key(encoder_dir, resolve_corpus(args.corpus), dict(
             steps=warmup_steps, lr=args.head_warmup_lr, seed=training_args.seed, seq_len=args.max_seq_length,
-            batch=training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size,
+            batch=sequences_per_step(training_args),
             head=head_source))
         warmup_loss, how = warm_up_head(model, dataset, tokenizer, training_args, warmup_steps, args.head_warmup_lr, checkpoints, key)
         head_source = f"{head_source}, {how}"

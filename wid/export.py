@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from .architecture import base_prefix, encoder_model_class, family_of, intermediate_size, mlm_model_class
 from .compactors import attach
@@ -216,11 +216,13 @@ def save_student(student, output_dir, tokenizer=None, summary: dict | None = Non
     return write_atomically(output_dir, write)
 
 
-def _tokenizer_or_none(path):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:
-        return None
+def checkpoint_tokenizer(checkpoint_dir, vocab_size: int):
+    """The tokenizer saved in a checkpoint, checked against its vocabulary (wid.data.load_tokenizer): without its
+    files transformers builds a 5-token tokenizer, which the student would ship and the compensation would read the
+    corpus with."""
+    from .data import load_tokenizer
+
+    return load_tokenizer(checkpoint_dir, vocab_size, CheckpointError)
 
 
 EXACT_CUT = "the masked entries are already 0: the cut is exact"
@@ -298,15 +300,12 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
         raise CheckpointError(f"the export target {output_dir} is not empty; pass --overwrite to write the student into it anyway, or choose another folder")
 
 
-def checkpoint_calibration(checkpoint_dir, corpus=None, batches: int = CALIBRATION_BATCHES, seq_len: int | None = None):
+def checkpoint_calibration(checkpoint_dir, tokenizer, corpus=None, batches: int = CALIBRATION_BATCHES,
+                           seq_len: int | None = None):
     """The calibration source of a checkpoint: its run's corpus and sequence length (wid_run.json) unless given."""
     from .run_folder import read_run_record, recorded_corpus
 
     record = read_run_record(checkpoint_dir) or {}
-    tokenizer = _tokenizer_or_none(checkpoint_dir)
-    if tokenizer is None:
-        raise CheckpointError(f"{checkpoint_dir} has no tokenizer, which the compensation needs to read the corpus; "
-                              "pass --compensate off, or copy the teacher's tokenizer files into it")
     if not corpus and record.get("corpus"):
         from .data import CorpusError, resolve_corpus
 
@@ -333,7 +332,9 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
 
 def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_batches: int) -> dict:
     model = load_checkpoint(checkpoint_dir)  # a damaged checkpoint is reported as such before anything else is read
-    calibration, settings = checkpoint_calibration(checkpoint_dir, corpus, calibration_batches) if compensate == "on" else (None, {})
+    tokenizer = checkpoint_tokenizer(checkpoint_dir, model.config.vocab_size)
+    calibration, settings = (checkpoint_calibration(checkpoint_dir, tokenizer, corpus, calibration_batches)
+                             if compensate == "on" else (None, {}))
     student, masked_norm, difference, compensation, to_trained = fold_trained(model, calibration)
     if compensation is not None:
         compensation.update(settings)
@@ -350,7 +351,7 @@ def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_bat
         "compensation": compensation,
     }
     teacher = _recorded_teacher(checkpoint_dir, report)
-    save_student(student, output_dir, _tokenizer_or_none(checkpoint_dir), report, sentence_teacher=teacher)
+    save_student(student, output_dir, tokenizer, report, sentence_teacher=teacher)
     return report
 
 
@@ -396,7 +397,8 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
     try:
         as_trained = verify_fold(model, student)
         if compensation is not None:  # compare against the same compensation, computed again from the same data
-            calibration, _ = checkpoint_calibration(checkpoint_dir, compensation.get("corpus"),
+            tokenizer = checkpoint_tokenizer(checkpoint_dir, model.config.vocab_size)
+            calibration, _ = checkpoint_calibration(checkpoint_dir, tokenizer, compensation.get("corpus"),
                                                     compensation.get("calibration_batches", CALIBRATION_BATCHES),
                                                     compensation.get("max_seq_length"))
             trained, compensated = finalize_calibrated(model, calibration()[0], compensation.get("damping", DAMPING))

@@ -6,12 +6,14 @@ and a uniform config of the same `model_type`, loadable anywhere with `from_pret
 Every linear becomes `W_S = Q[keep_out]·W·L[:, keep_in]`, `b_S = (Q·b)[keep_out]`; the attention
 scale 1/√d_teacher is folded into the query (× √(d_s/d_teacher)); embeddings, LayerNorms and the
 pooler are index-selected. The computation is done in fp32 on the CPU and checked for non-finite
-values; `verify_fold` compares the logits of the compactor model and the student.
+values; `verify_fold` compares the logits of the compactor model and the student (the kept hidden channels of
+their encoder outputs, for a base-encoder student).
 """
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +200,10 @@ def fold(model, with_head: bool = True, progressbar: bool | None = None, compens
     replaces the linears by their compensated versions.
     """
     family = family_of(model)
+    state = wid_state(model)
+    if not state.masks_active and state.config.mask_updates_to_target(state.dims) > 0:
+        warnings.warn("wid.fold: no channel is masked yet, so the student is the whole teacher; train with "
+                      "wid.update_masks every w_step steps, or call wid.prune(model) first to cut to the target", stacklevel=3)
     kept = kept_indices(model)
     config = student_config(model, kept)
     tensors = folded_state_dict(model, kept, progressbar)
@@ -248,7 +254,27 @@ def check_logits(model, inputs: dict) -> torch.Tensor:
     return logits[inputs["attention_mask"].bool()]
 
 
+@torch.no_grad()
+def check_hidden_states(model, inputs: dict, channels: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 last hidden states (on the CPU) of `model`'s encoder at the real tokens of `inputs`, at `channels`."""
+    encoder = base_model(model)
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    try:
+        hidden = encoder(**{k: v.to(device) for k, v in model_inputs(model, inputs).items()}).last_hidden_state.float().cpu()
+    finally:
+        encoder.train(was_training)
+    hidden = hidden[inputs["attention_mask"].bool()]
+    return hidden if channels is None else hidden[:, channels]
+
+
 def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: int = 0) -> float:
-    """Max |logit difference| between the compactor model and the student on random padded inputs."""
+    """Max |logit difference| between the compactor model and the student on random padded inputs; for a base-encoder
+    student (`fold(model, with_head=False)`), max |difference| of the encoder outputs at the kept hidden channels
+    (the compactor model's masked channels are zero there)."""
     inputs = fold_check_inputs(student.config, batch_size, seq_len, seed)
+    if base_model(student) is student:
+        kept = kept_indices(model)["hidden"]
+        return float((check_hidden_states(model, inputs, kept) - check_hidden_states(student, inputs)).abs().max())
     return float((check_logits(model, inputs) - check_logits(student, inputs)).abs().max())

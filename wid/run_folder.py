@@ -145,8 +145,9 @@ def _shown(corpus) -> str:
 
 def check_resume_settings(checkpoint: str, record: dict) -> None:
     """Refuse, in one line naming the checkpoint's values, a resume whose method, teacher, data (corpus, sequence
-    length) or mask schedule differs from the checkpoint's (learning rates may change: the trainer takes the new
-    ones). Checkpoints written before a setting was recorded are not checked for it."""
+    length, sequences per step: the Trainer skips the batches already seen by count) or mask schedule differs from
+    the checkpoint's (learning rates may change: the trainer takes the new ones). Checkpoints written before a
+    setting was recorded are not checked for it."""
     saved = read_run_record(checkpoint)
     if saved is None:
         return
@@ -162,6 +163,9 @@ def check_resume_settings(checkpoint: str, record: dict) -> None:
         changed.append(f"--corpus {_shown(saved['corpus'])} (now {_shown(record.get('corpus'))})")
     if "max_seq_length" in saved and saved["max_seq_length"] != record.get("max_seq_length"):
         changed.append(f"--max_seq_length {saved['max_seq_length']} (now {record.get('max_seq_length')})")
+    if "train_batch_size" in saved and saved["train_batch_size"] != record.get("train_batch_size"):
+        changed.append(f"{saved['train_batch_size']} sequences per step (now {record.get('train_batch_size')}; "
+                       "--per_device_train_batch_size × --gradient_accumulation_steps × processes)")
     old, new = saved.get("wid_config") or {}, record.get("wid_config") or {}
     for name in SCHEDULE_SETTINGS if record["method"] == "wid" else SCHEDULE_SETTINGS[:3]:
         if name in old and old[name] != new.get(name):

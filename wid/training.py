@@ -79,6 +79,16 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+class LogLastStep(TrainerCallback):
+    """Log at the last step too, so that a run shorter than `logging_steps` (or not a multiple of it) still reports
+    its final loss (the summary's `final_mlm_loss` reads the logged losses)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class MaskedLMTrainer(Trainer):
     """Trainer whose loss is the masked-LM cross-entropy computed at the masked positions only.
 
@@ -89,6 +99,7 @@ class MaskedLMTrainer(Trainer):
 
     def __init__(self, *args, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(LogLastStep())
         self.selector = MaskedPositionSelector(head_input(unwrap(self.model)))
         self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; the Trainer scales for accumulation
         self.run_record = run_record

@@ -141,3 +141,43 @@ def test_a_schedule_that_reached_its_target_reports_an_exact_cut(files, tmp_path
     summary = json.loads((out / "wid_summary.json").read_text())
     assert summary["recipe"] == "short" and summary["schedule_reached_target_at_step"] is not None
     assert summary["max_logit_difference_to_trained"] < 1e-4
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(max_steps=160)),
+    (["--max_steps", "40"], dict(max_steps=40)),
+    (["--max_steps", "800", "--per_device_train_batch_size", "8"], dict(max_steps=800, per_device_train_batch_size=8)),
+    (["--num_train_epochs", "2"], dict(max_steps=-1, num_train_epochs=2)),
+])
+def test_the_built_in_default_run_keeps_its_values_unless_given(monkeypatch, argv, expected):
+    """Without --teacher and --corpus, a flag given replaces only its own value of the default run."""
+    import wid.distill
+    from wid.distill import DEFAULT_RUN
+
+    seen = {}
+    monkeypatch.setattr(wid.distill, "run_distillation", lambda args, training_args, callbacks=(): seen.update(
+        args=args, training_args=training_args) or {})
+    monkeypatch.setattr(wid.distill, "format_summary", lambda summary: "")
+    assert main(["distill", *argv]) == 0
+    args, training_args = seen["args"], seen["training_args"]
+    trainer_values = {name: DEFAULT_RUN[name] for name in ("max_steps", "per_device_train_batch_size", "logging_steps",
+                                                            "learning_rate")}
+    for name, value in {**trainer_values, **expected}.items():
+        assert getattr(training_args, name) == value, name
+    assert (args.preset, args.w_step, args.compactor_lr, args.teacher_lr) == (
+        DEFAULT_RUN["preset"], DEFAULT_RUN["w_step"], DEFAULT_RUN["compactor_lr"], DEFAULT_RUN["teacher_lr"])
+
+
+def test_save_widths_the_schedule_passes_at_one_mask_update_are_refused(files, tmp_path, capsys):
+    """With --strategy head the hidden width moves by whole heads (12 → 8 → 4 here): 0.6 and 0.5 are both first passed
+    at 4, so they would be one student under two names."""
+    out = tmp_path / "out"
+    argv = _with(_with(distill_argv(files["teacher"], files["corpus"], out, "--strategy", "head", "--target_heads", "1"),
+                       "--target_hidden", "4"), "--target_intermediate", "9")
+    assert main(["distill", *argv, "--save_widths", "0.6", "0.5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--save_widths 0.6 and 0.5 are both first passed at hidden width 4 (the schedule's hidden widths are 12, 8, 4 " \
+           "of 12)" in error and len(error.splitlines()) == 1
+    assert not out.exists()
+    assert main(["distill", *argv, "--save_widths", "0.7", "0.5"]) == 0
+    assert sorted(p.name for p in out.glob("student-*")) == ["student-50pct", "student-70pct"]

@@ -171,3 +171,40 @@ def test_a_divergence_names_the_last_checkpoint_whose_weights_gave_a_finite_loss
     # resuming there with a sane learning rate finishes
     argv[argv.index("--compactor_lr") + 1] = "0.01"
     assert main([*argv, "--resume_from_checkpoint", named]) == 0
+
+
+def test_a_resume_with_a_larger_max_steps_keeps_the_runs_mask_updates(files, tmp_path):
+    """Without --w_step the schedule is fitted to --max_steps; a resume to train on keeps the checkpoint's w_step
+    (refitting to the new --max_steps would refuse the resume as another schedule). The run logs fewer steps than
+    --logging_steps, and its summary still has its final loss (logged at the last step)."""
+    out = tmp_path / "out"
+    argv = _argv(files, out, "--logging_steps", "50")
+    del argv[argv.index("--w_step"):argv.index("--w_step") + 2]
+    assert main(argv) == 0
+    checkpoint = out / "checkpoints" / "checkpoint-12"
+    fitted = json.loads((checkpoint / RUN_FILE).read_text())["wid_config"]["w_step"]
+    summary = json.loads((out / "wid_summary.json").read_text())
+    assert isinstance(summary["final_mlm_loss"], float) and summary["final_mlm_loss"] > 0
+    argv[argv.index("--max_steps") + 1] = "24"
+    assert main([*argv, "--resume_from_checkpoint", str(checkpoint)]) == 0
+    assert json.loads((out / "checkpoints" / "checkpoint-24" / RUN_FILE).read_text())["wid_config"]["w_step"] == fitted
+
+
+def test_a_resume_with_another_batch_per_step_is_refused(files, tmp_path, capsys):
+    """The Trainer skips the batches a checkpoint has seen by count: another batch per step would resume elsewhere."""
+    run = _copy_run(files, tmp_path)
+    argv = _argv(files, run, "--resume_from_checkpoint", str(run / "checkpoints" / "checkpoint-6"),
+                 "--gradient_accumulation_steps", "2")
+    assert main(argv) == 2
+    assert "4 sequences per step (now 8; --per_device_train_batch_size × --gradient_accumulation_steps" in _one_line(capsys)
+
+
+def test_a_resume_on_a_corpus_whose_text_has_changed_is_refused(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    checkpoint = run / "checkpoints" / "checkpoint-6"
+    record = json.loads((checkpoint / RUN_FILE).read_text())
+    assert len(record["corpus_fingerprint"]) == 64
+    record["corpus_fingerprint"] = "0" * 64  # as if the file had been rewritten since
+    (checkpoint / RUN_FILE).write_text(json.dumps(record))
+    assert main(_argv(files, run, "--resume_from_checkpoint", str(checkpoint))) == 2
+    assert f"the corpus {files['corpus']} as it was then (its text has changed since)" in _one_line(capsys)

@@ -214,3 +214,22 @@ def test_bad_compensation_options_get_one_line(tmp_path, capsys, argv, message):
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_says_when_the_calibration_corpus_has_changed_since_the_export(paper_run, tmp_path, capsys):
+    """A compensated student is checked by computing its compensation again from the recorded corpus: when that text has
+    changed, the report says so instead of a bare 'does not match'."""
+    import shutil
+
+    corpus = shutil.copy(paper_run["corpus"], tmp_path / "calibration.txt")
+    student = tmp_path / "student"
+    assert main(["export", str(paper_run["checkpoint"]), str(student), "--compensate", "on", "--calibration_batches", "2",
+                 "--corpus", str(corpus)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["compensation"]["corpus_fingerprint"]) == 64
+    assert main(["verify", str(paper_run["checkpoint"]), str(student)]) == 0
+    assert "notices" not in json.loads(capsys.readouterr().out)
+    write_corpus(tmp_path / "calibration.txt", seed=5)  # same name, other text
+    assert main(["verify", str(paper_run["checkpoint"]), str(student)]) == 1  # another calibration, another compensation
+    captured = capsys.readouterr()
+    assert any("has changed since the student was written" in notice for notice in json.loads(captured.out)["notices"])
+    assert "does not match" in captured.err and "has changed since the student was written" in captured.err

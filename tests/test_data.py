@@ -191,3 +191,27 @@ def test_device_side_masking_matches_the_collators_statistics():
     unchanged = (masked == ids) & chosen
     assert 0.78 < as_mask.sum() / chosen.sum() < 0.82
     assert 0.08 < unchanged.sum() / chosen.sum() < 0.12
+
+
+def test_the_corpus_fingerprint_follows_the_text_not_the_paths(tmp_path):
+    import gzip
+
+    from wid.data import corpus_fingerprint
+
+    (tmp_path / "a").mkdir()
+    first = tmp_path / "a" / "part.txt"
+    first.write_text("\n".join(SENTENCES) + "\n")
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(first.read_bytes())
+    packed = tmp_path / "packed.txt.gz"
+    packed.write_bytes(gzip.compress(first.read_bytes()))
+    assert len(corpus_fingerprint([str(first)])) == 64
+    assert corpus_fingerprint([str(first)]) == corpus_fingerprint([str(copy)]) == corpus_fingerprint([str(packed)])
+    assert corpus_fingerprint([str(tmp_path / "a")]) == corpus_fingerprint([str(first)])
+    assert corpus_fingerprint([str(first), str(copy)]) != corpus_fingerprint([str(first)])
+    assert corpus_fingerprint(None) == corpus_fingerprint(default_corpus_files())
+    before = corpus_fingerprint([str(first)])
+    mtime = first.stat().st_mtime_ns
+    first.write_text("\n".join(reversed(SENTENCES)) + "\n")  # same size, other text, written a second later
+    os.utime(first, ns=(mtime + 10**9, mtime + 10**9))
+    assert corpus_fingerprint([str(first)]) != before

@@ -92,3 +92,23 @@ def test_verify_refuses_a_tolerance_no_difference_can_meet(run, capsys, toleranc
     assert main(["verify", str(run["checkpoint"]), str(run["student"]), "--tolerance", tolerance]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--tolerance must be 0 or more" in error[0]
+
+
+@pytest.mark.parametrize("compensate", ["off", "on"])
+def test_a_checkpoint_without_its_tokenizer_files_is_refused_in_one_line(run, tmp_path, capsys, compensate):
+    """transformers builds a 5-token tokenizer for a folder without tokenizer files: the student would ship it and the
+    compensation would read the corpus as [UNK]s."""
+    import shutil
+
+    from wid.data import TOKENIZER_FILES
+
+    checkpoint = shutil.copytree(run["checkpoint"], tmp_path / "checkpoint-12")
+    removed = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
+    assert removed
+    for name in removed:
+        (checkpoint / name).unlink()
+    target = tmp_path / "student"
+    assert main(["export", str(checkpoint), str(target), "--compensate", compensate]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "tokenizer" in error and "save the tokenizer" in error, error
+    assert not target.exists()

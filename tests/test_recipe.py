@@ -119,4 +119,4 @@ def test_the_short_recipe_clips_gradients_unless_told_otherwise(runs, tmp_path):
     assert json.loads((tmp_path / "given" / "wid_summary.json").read_text())["max_grad_norm"] == 0.0
     assert main(runs["argv"](tmp_path / "mlm", "--method", "mlm")) == 0
     summary = json.loads((tmp_path / "mlm" / "wid_summary.json").read_text())
-    assert summary["max_grad_norm"] == 0.0 and summary["recipe"] is None
+    assert summary["max_grad_norm"] == 1.0 and summary["recipe"] is None  # baselines clip as the Trainer does

@@ -104,7 +104,8 @@ def verify(argv) -> int:
     print(json.dumps(report, indent=2))
     if not report["matches"]:
         print(f"wid verify: {args.student_dir} does not match {args.checkpoint_dir} (max logit difference "
-              f"{report['max_logit_difference_after_pruning']:.3g} > {args.tolerance:g})", file=sys.stderr)
+              f"{report['max_logit_difference_after_pruning']:.3g} > {args.tolerance:g})"
+              + "".join(f"; {notice}" for notice in report.get("notices", ())), file=sys.stderr)
         return 1
     return 0
 

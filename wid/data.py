@@ -56,18 +56,21 @@ def read_utf8_text(path, error=ValueError, what: str = "file") -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _check_text_file(path: Path, size: int, mtime_ns: int) -> bool:
-    """Whether the file holds text (any non-whitespace character); CorpusError, one line, when it is not readable
-    UTF-8 text: binary data (a NUL byte), bytes that are not UTF-8, or a .jsonl line that is not a JSON object.
-    Cached on (path, size, mtime), since a run resolves its corpus more than once."""
+def _scan_text_file(path: Path, size: int, mtime_ns: int) -> tuple[bool, str]:
+    """(whether the file holds text (any non-whitespace character), SHA-256 of its text); CorpusError, one line, when
+    it is not readable UTF-8 text: binary data (a NUL byte), bytes that are not UTF-8, or a .jsonl line that is not a
+    JSON object. Cached on (path, size, mtime), since a run resolves its corpus more than once."""
     import codecs
+    import hashlib
 
     opener = gzip.open if path.name.endswith(".gz") else open
     decoder, has_text, line, tail = codecs.getincrementaldecoder("utf-8")(errors="strict"), False, 1, ""
+    digest = hashlib.sha256()
     json_lines = path.name.endswith((".jsonl", ".jsonl.gz"))
     try:
         with opener(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
+                digest.update(chunk)
                 if b"\0" in chunk:
                     raise CorpusError(f"corpus file {path} holds NUL bytes: it is binary or UTF-16, not UTF-8 text; pass UTF-8 "
                                       "text files (iconv -f utf-16 -t utf-8 converts UTF-16)")
@@ -91,7 +94,7 @@ def _check_text_file(path: Path, size: int, mtime_ns: int) -> bool:
         raise CorpusError(f"corpus file {path} ends inside a UTF-8 character; the file is truncated or not UTF-8") from None
     except (OSError, EOFError) as error:
         raise CorpusError(f"cannot read corpus file {path} ({error}); pass readable UTF-8 text files") from None
-    return has_text
+    return has_text, digest.hexdigest()
 
 
 def _check_json_line(path: Path, number: int, record: str) -> None:
@@ -108,9 +111,28 @@ def _check_json_line(path: Path, number: int, record: str) -> None:
         raise CorpusError(f'line {number} of corpus file {path} is not a JSON object with a "text" string; give one per line')
 
 
-def _has_text(path: Path) -> bool:
+def _scan(path: Path) -> tuple[bool, str]:
     stat = path.stat()
-    return _check_text_file(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return _scan_text_file(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def _has_text(path: Path) -> bool:
+    return _scan(path)[0]
+
+
+def corpus_fingerprint(corpus) -> str | None:
+    """A digest of the corpus's text, file by file in reading order (not of its paths): a run records it so that a
+    resume, or a check of a compensated student, can tell that files under the same names changed. The files are
+    read in full when resolved anyway (to check they are UTF-8), so this costs no extra pass. None for a hub dataset."""
+    import hashlib
+
+    files = resolve_corpus(corpus)
+    if isinstance(files, str):
+        return None
+    combined = hashlib.sha256()
+    for path in files:
+        combined.update(_scan(Path(path))[1].encode())
+    return combined.hexdigest()
 
 
 # What a corpus folder contributes: text and JSON-lines files. A plain .json file is read only when given by name: in

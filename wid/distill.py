@@ -29,7 +29,7 @@ from .config import WIDConfig
 from .export import fold_trained, quiet_transformers, save_student
 from .fold import FoldError, fold
 from .sentence import encoder_folder, sentence_gap
-from .masks import at_target, masked_compactor_fraction, masked_entry_norm
+from .masks import at_target, kept_widths, masked_compactor_fraction, masked_entry_norm
 from .run_folder import (RunError, RunFolder, RunInterrupted, check_resume_settings, check_resume_step, last_complete_checkpoint,
                          read_run_record, recorded_corpus, recorded_path, resume_checkpoint)
 from .training import (RECIPES, MaskedLMTrainer, WIDScheduleCallback, WIDTrainer, choose_recipe, compactor_lr_after, fit_w_step,
@@ -263,6 +263,25 @@ def _encoder_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix) and "compactor" not in name)
 
 
+def check_save_widths(fractions, config: WIDConfig, dims: TeacherDims) -> None:
+    """Refuse --save_widths fractions that are never reached, or that the schedule passes at the same mask update (its
+    hidden width moves in steps: whole heads with --strategy head), which would write one student under two names."""
+    first_at = {}
+    widths = [kept_widths(config, dims, update).hidden for update in range(config.mask_updates_to_target(dims) + 1)]
+    for fraction in sorted(set(fractions), reverse=True):
+        if fraction * dims.hidden < config.target_hidden:
+            raise RunError(f"--save_widths {fraction:g} is below the student's width ({config.target_hidden} of "
+                           f"{dims.hidden}, {config.target_hidden / dims.hidden:.3g}), so it is never reached; pass "
+                           f"fractions from {config.target_hidden / dims.hidden:.3g} to 1")
+        width = next(width for width in widths if width <= fraction * dims.hidden)
+        if width in first_at:
+            steps = ", ".join(str(w) for w in sorted(set(widths), reverse=True))
+            raise RunError(f"--save_widths {first_at[width]:g} and {fraction:g} are both first passed at hidden width {width} "
+                           f"(the schedule's hidden widths are {steps} of {dims.hidden}), so they would be the same student; "
+                           "keep one of them")
+        first_at[width] = fraction
+
+
 def sequences_per_step(training_args) -> int:
     """Sequences per optimizer step: per-device batch × accumulation × processes."""
     return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
@@ -387,11 +406,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         raise RunError(f"--max_seq_length {args.max_seq_length} is beyond the teacher's {positions} position embeddings; "
                        f"pass --max_seq_length {positions} or less")
     config = wid_config_from(args, dims)
-    for fraction in args.save_widths or ():
-        if fraction * dims.hidden < config.target_hidden:
-            raise RunError(f"--save_widths {fraction:g} is below the student's width ({config.target_hidden} of "
-                           f"{dims.hidden}, {config.target_hidden / dims.hidden:.3g}), so it is never reached; pass "
-                           f"fractions from {config.target_hidden / dims.hidden:.3g} to 1")
+    check_save_widths(args.save_widths or (), config, dims)
     resolve_corpus(args.corpus)
     if training_args.resume_from_checkpoint:
         training_args = _trainer_args(training_args, resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
@@ -414,7 +429,7 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
 
 def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig, callbacks, notices: list, started: float) -> dict:
     """The run inside its locked output folder: teacher → data → (head warm-up) → WID or a baseline → student."""
-    from .data import build_mlm_dataset, mlm_collator, resolve_corpus
+    from .data import build_mlm_dataset, corpus_fingerprint, mlm_collator, resolve_corpus
     from .mlm_head import load_shipped_head, teacher_fingerprint, warmup_key
     from .teachers import DEFAULT_TEACHER_NAME
 
@@ -455,7 +470,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
               f"{'on' if recipe == 'short' else 'off'}, gradient clipping {training_args.max_grad_norm or 'off'}")
     record = dict(method=args.method, recipe=recipe, teacher=recorded_path(teacher_name),
                   teacher_fingerprint=teacher_fingerprint(encoder_dir), wid_config=config.to_dict(),
-                  corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length,
+                  corpus=recorded_corpus(args.corpus), corpus_fingerprint=corpus_fingerprint(args.corpus),
+                  max_seq_length=args.max_seq_length,
                   train_batch_size=sequences_per_step(training_args))
     if training_args.resume_from_checkpoint:
         check_resume_settings(training_args.resume_from_checkpoint, record)
@@ -609,8 +625,8 @@ def _train_wid(model, config, dims, dataset, tokenizer, training_args, args, out
         notices.append(f"the schedule had not reached the target when training stopped: the remaining channels were cut at "
                        f"once (student vs the model as trained: logits max diff {to_trained:.3g})")
     if compensation is not None:
-        compensation.update(corpus=recorded_corpus(args.corpus), max_seq_length=args.max_seq_length,
-                            calibration_batches=args.calibration_batches)
+        compensation.update(corpus=recorded_corpus(args.corpus), corpus_fingerprint=record.get("corpus_fingerprint"),
+                            max_seq_length=args.max_seq_length, calibration_batches=args.calibration_batches)
         if compensation["applied"]:
             print(f"[wid] {compensation_line(compensation)}")
     target_step = config.steps_to_target(dims)

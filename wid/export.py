@@ -303,6 +303,7 @@ def check_export_target(checkpoint_dir, output_dir, overwrite: bool = False) -> 
 def checkpoint_calibration(checkpoint_dir, tokenizer, corpus=None, batches: int = CALIBRATION_BATCHES,
                            seq_len: int | None = None):
     """The calibration source of a checkpoint: its run's corpus and sequence length (wid_run.json) unless given."""
+    from .data import corpus_fingerprint
     from .run_folder import read_run_record, recorded_corpus
 
     record = read_run_record(checkpoint_dir) or {}
@@ -316,7 +317,8 @@ def checkpoint_calibration(checkpoint_dir, tokenizer, corpus=None, batches: int 
             raise CheckpointError(f"the run's corpus (wid_run.json) cannot be read from here ({error}); pass the calibration "
                                   "text with --corpus FILE, or run wid export from the directory the run started in") from None
     seq_len = seq_len or record.get("max_seq_length") or 128
-    settings = {"corpus": recorded_corpus(corpus), "max_seq_length": seq_len, "calibration_batches": batches}
+    settings = {"corpus": recorded_corpus(corpus), "corpus_fingerprint": corpus_fingerprint(corpus), "max_seq_length": seq_len,
+                "calibration_batches": batches}
     return corpus_calibration(tokenizer, corpus, seq_len, batches), settings
 
 
@@ -394,13 +396,18 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
         raise CheckpointError(f"cannot load the student in {student_dir} ({type(exc).__name__}); pass a folder written by wid distill or wid export") from None
     masked_norm = masked_entry_norm(model)
     compensation = _student_compensation(student_dir)
+    notices = []
     try:
         as_trained = verify_fold(model, student)
         if compensation is not None:  # compare against the same compensation, computed again from the same data
             tokenizer = checkpoint_tokenizer(checkpoint_dir, model.config.vocab_size)
-            calibration, _ = checkpoint_calibration(checkpoint_dir, tokenizer, compensation.get("corpus"),
-                                                    compensation.get("calibration_batches", CALIBRATION_BATCHES),
-                                                    compensation.get("max_seq_length"))
+            calibration, now = checkpoint_calibration(checkpoint_dir, tokenizer, compensation.get("corpus"),
+                                                      compensation.get("calibration_batches", CALIBRATION_BATCHES),
+                                                      compensation.get("max_seq_length"))
+            if compensation.get("corpus_fingerprint") not in (None, now["corpus_fingerprint"]):
+                notices.append(f"the calibration corpus {' '.join(compensation.get('corpus') or ['(the shipped corpus)'])} "
+                               "has changed since the student was written, so its compensation cannot be computed again "
+                               "to compare: a difference here does not mean the fold is wrong")
             trained, compensated = finalize_calibrated(model, calibration()[0], compensation.get("damping", DAMPING))
             compensated.prepare(keep_tie=bool(student.config.tie_word_embeddings))
             with compensated.applied():
@@ -417,4 +424,5 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
         "masked_entry_norm": masked_norm,
         "tolerance": tolerance,
         "matches": after <= tolerance,
+        **({"notices": notices} if notices else {}),
     }

@@ -161,6 +161,9 @@ def check_resume_settings(checkpoint: str, record: dict) -> None:
         changed.append(f"the teacher {saved.get('teacher')} (its weights differ from {record.get('teacher')}'s)")
     if "corpus" in saved and recorded_corpus(saved["corpus"]) != recorded_corpus(record.get("corpus")):
         changed.append(f"--corpus {_shown(saved['corpus'])} (now {_shown(record.get('corpus'))})")
+    elif None not in (saved.get("corpus_fingerprint"), record.get("corpus_fingerprint")) and \
+            saved["corpus_fingerprint"] != record["corpus_fingerprint"]:
+        changed.append(f"the corpus {_shown(saved.get('corpus'))} as it was then (its text has changed since)")
     if "max_seq_length" in saved and saved["max_seq_length"] != record.get("max_seq_length"):
         changed.append(f"--max_seq_length {saved['max_seq_length']} (now {record.get('max_seq_length')})")
     if "train_batch_size" in saved and saved["train_batch_size"] != record.get("train_batch_size"):

@@ -181,3 +181,17 @@ def test_save_widths_the_schedule_passes_at_one_mask_update_are_refused(files, t
     assert not out.exists()
     assert main(["distill", *argv, "--save_widths", "0.7", "0.5"]) == 0
     assert sorted(p.name for p in out.glob("student-*")) == ["student-50pct", "student-70pct"]
+
+
+def test_only_the_main_process_prints_the_summary(monkeypatch, capsys):
+    import transformers
+
+    import wid.distill
+
+    monkeypatch.setattr(wid.distill, "run_distillation", lambda args, training_args, callbacks=(): {})
+    monkeypatch.setattr(wid.distill, "format_summary", lambda summary: "the summary")
+    assert main(["distill", "--max_steps", "3"]) == 0
+    assert capsys.readouterr().out.strip() == "the summary"
+    monkeypatch.setattr(transformers.TrainingArguments, "process_index", property(lambda self: 1))
+    assert main(["distill", "--max_steps", "3"]) == 0
+    assert capsys.readouterr().out.strip() == ""

@@ -144,6 +144,13 @@ def test_method_writes_a_student_of_the_wid_shape(files, tmp_path, capsys, metho
         assert summary["final_mlm_loss"] is not None
         if method == "kd":  # the objective, with its KD term, is reported as such, not as the MLM loss
             assert summary["final_training_objective"] != summary["final_mlm_loss"]
+        assert summary["max_grad_norm"] == 1.0  # clipped as the Trainer does, as in README's comparison
+        # its checkpoints hold the plain student already: wid export says so instead of "not a wid distill checkpoint"
+        capsys.readouterr()
+        assert main(["export", str(out / "checkpoints" / "checkpoint-4"), str(tmp_path / "exported")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert f"is a checkpoint of a --method {method} run: its model already is a plain student" in error
+        assert len(error.splitlines()) == 1 and not (tmp_path / "exported").exists()
 
 
 @pytest.mark.parametrize("extra, fragment", [

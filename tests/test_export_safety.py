@@ -112,3 +112,15 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused_in_one_line(run, tm
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "tokenizer" in error and "save the tokenizer" in error, error
     assert not target.exists()
+
+
+def test_export_of_a_checkpoint_before_the_target_says_the_rest_was_cut_at_once(run, tmp_path, capsys):
+    checkpoint = run["checkpoint"].parent / "checkpoint-3"  # mask update 3 of the schedule's 4
+    assert main(["export", str(checkpoint), str(tmp_path / "early")]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    notice = "the checkpoint's masks had not reached the target (mask update 3 of 4): the remaining channels were cut at once"
+    assert any(notice in line for line in report["notices"]) and notice in captured.err
+    assert report["max_logit_difference_to_trained"] > 1e-3
+    assert main(["export", str(run["checkpoint"]), str(tmp_path / "final")]) == 0
+    assert "notices" not in json.loads(capsys.readouterr().out)

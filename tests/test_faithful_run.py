@@ -8,7 +8,7 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from wid.cli import main
-from wid.distill import DistillArguments, run_distillation
+from wid.distill import DistillArguments, format_summary, run_distillation
 from wid.mlm_head import read_head, save_head, teacher_fingerprint
 
 from distill_fixtures import distill_argv, write_corpus, write_teacher
@@ -157,3 +157,9 @@ def test_the_built_in_teacher_gets_its_shipped_head_and_an_informative_mlm_loss(
     loss = heldout_loss(model, heldout, mlm_collator(tokenizer))
     assert loss == pytest.approx(info["heldout_mlm_loss"], abs=2e-3)
     assert loss < info["unigram_heldout_mlm_loss"] - 0.5
+
+
+def test_a_run_that_saves_no_checkpoints_names_no_checkpoints_folder(files, tmp_path):
+    summary = _run(distill_argv(files["teacher"], files["corpus"], tmp_path / "run", "--save_strategy", "no"))
+    assert summary["checkpoints_dir"] is None and not (tmp_path / "run" / "checkpoints").exists()
+    assert "checkpoints" not in format_summary(summary)

@@ -58,7 +58,8 @@ def distill(argv) -> int:
         argv = list(argv) + [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
         args_again, training_args = parser.parse_args_into_dataclasses(args=argv)
     summary = run_distillation(args, training_args)
-    print(format_summary(summary))
+    if training_args.process_index == 0:  # one summary for a run of many processes
+        print(format_summary(summary))
     return 0
 
 

@@ -282,6 +282,15 @@ def check_save_widths(fractions, config: WIDConfig, dims: TeacherDims) -> None:
         first_at[width] = fraction
 
 
+def _has_checkpoints(folder: Path) -> bool:
+    """Whether the run saved any checkpoint in `folder`; an empty one (--save_strategy no) is removed."""
+    if any(folder.glob("checkpoint-*")):
+        return True
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty: TensorBoard logs (checkpoints/runs) stay
+    return False
+
+
 def sequences_per_step(training_args) -> int:
     """Sequences per optimizer step: per-device batch × accumulation × processes."""
     return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
@@ -516,7 +525,8 @@ def _run(args, training_args, teacher_name, dims: TeacherDims, config: WIDConfig
     summary = {
         "teacher": str(teacher_name),
         "student_dir": str(output_dir),
-        "checkpoints_dir": str(checkpoints) if checkpoints.is_dir() else None,  # prune trains nothing, saves none
+        # prune trains nothing and --save_strategy no saves nothing: no folder of checkpoints to name
+        "checkpoints_dir": str(checkpoints) if _has_checkpoints(checkpoints) else None,
         "backend": backend,
         "backends_in_use": {op: name for op, (name, _) in wid_kernels.backends_in_use(training_device).items()},
         "teacher_encoder_parameters": teacher_params,

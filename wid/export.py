@@ -18,13 +18,13 @@ import torch
 from transformers import AutoConfig
 
 from .architecture import base_prefix, encoder_model_class, family_of, intermediate_size, mlm_model_class
-from .compactors import attach
+from .compactors import attach, wid_state
 from .compensate import (CALIBRATION_BATCHES, DAMPING, DEFAULT_COMPENSATE, check_compensate, corpus_calibration, finalize_calibrated,
                          fold_compensated, needs_compensation)
 from .config import WIDConfig
 from .data import TOKENIZER_FILES
 from .fold import check_logits, fold, fold_check_inputs, verify_fold
-from .masks import finalize, masked_entry_norm
+from .masks import at_target, finalize, masked_entry_norm
 
 
 class CheckpointError(ValueError):
@@ -106,6 +106,12 @@ def load_checkpoint(path):
     if not isinstance(settings, dict):
         from .run_folder import CHECKPOINTS, last_complete_checkpoint
 
+        from .run_folder import read_run_record
+
+        method = (read_run_record(path) or {}).get("method")
+        if method not in (None, "wid"):
+            raise CheckpointError(f"{path} is a checkpoint of a --method {method} run: its model already is a plain student, "
+                                  "with nothing to fold; load it with from_pretrained, or take the run's own student folder")
         newest = last_complete_checkpoint(path / CHECKPOINTS)
         hint = f"; to fold this run's newest checkpoint again, pass {newest}" if newest else ""
         raise CheckpointError(f"{path} holds no WID settings (config.wid): it is a plain model, not a wid distill checkpoint{hint}")
@@ -337,6 +343,8 @@ def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_bat
     tokenizer = checkpoint_tokenizer(checkpoint_dir, model.config.vocab_size)
     calibration, settings = (checkpoint_calibration(checkpoint_dir, tokenizer, corpus, calibration_batches)
                              if compensate == "on" else (None, {}))
+    state = wid_state(model)
+    updates, needed, cut_at_once = int(state.mask_updates), state.config.mask_updates_to_target(state.dims), not at_target(model)
     student, masked_norm, difference, compensation, to_trained = fold_trained(model, calibration)
     if compensation is not None:
         compensation.update(settings)
@@ -352,9 +360,20 @@ def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_bat
         "compensate": compensate,
         "compensation": compensation,
     }
+    if cut_at_once:
+        _notice(report, f"the checkpoint's masks had not reached the target (mask update {updates} of {needed}): the "
+                        f"remaining channels were cut at once (student vs the model as trained: logits max diff "
+                        f"{to_trained:.3g}); a checkpoint after the schedule's last mask update cuts only what the penalty "
+                        "has shrunk")
     teacher = _recorded_teacher(checkpoint_dir, report)
     save_student(student, output_dir, tokenizer, report, sentence_teacher=teacher)
     return report
+
+
+def _notice(report: dict, notice: str) -> None:
+    """A notice in the export report, and on stderr (the report goes to stdout)."""
+    report.setdefault("notices", []).append(notice)
+    print(f"[wid] {notice}", file=sys.stderr)
 
 
 def _recorded_teacher(checkpoint_dir, report: dict) -> str | None:
@@ -366,10 +385,9 @@ def _recorded_teacher(checkpoint_dir, report: dict) -> str | None:
 
     teacher = (read_run_record(checkpoint_dir) or {}).get("teacher")
     if teacher is not None and not Path(teacher).is_dir():
-        notice = (f"the run's teacher {teacher} is no folder here, so the student gets no sentence-transformers modules; if "
-                  f"the teacher has a {MODULES_FILE}, run wid export where it is found (or from the directory the run started in)")
-        report.setdefault("notices", []).append(notice)
-        print(f"[wid] {notice}", file=sys.stderr)
+        _notice(report, f"the run's teacher {teacher} is no folder here, so the student gets no sentence-transformers "
+                        f"modules; if the teacher has a {MODULES_FILE}, run wid export where it is found (or from the "
+                        "directory the run started in)")
     return teacher
 
 

@@ -104,9 +104,7 @@ def load_checkpoint(path):
         raise CheckpointError(f"cannot read {path / 'config.json'} ({exc}); the checkpoint is corrupt: use an earlier one") from None
     settings = getattr(config, "wid", None)
     if not isinstance(settings, dict):
-        from .run_folder import CHECKPOINTS, last_complete_checkpoint
-
-        from .run_folder import read_run_record
+        from .run_folder import CHECKPOINTS, last_complete_checkpoint, read_run_record
 
         method = (read_run_record(path) or {}).get("method")
         if method not in (None, "wid"):

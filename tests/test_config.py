@@ -86,7 +86,18 @@ def test_impossible_targets_say_what_would_work(kwargs, fragment):
         (dict(), "give target_hidden"),
         (dict(target_hidden=0), "target_hidden must be a positive integer"),
         (dict(target_hidden=8, w_step=0), "w_step must be a positive integer"),
-        (dict(target_hidden=8, penalty=-1.0), "penalty must be >= 0"),
+        (dict(target_hidden=8, penalty=-1.0), "penalty must be a finite number >= 0"),
+        (dict(target_hidden=8, penalty=float("nan")), "penalty must be a finite number >= 0, got nan"),
+        (dict(target_hidden=8, compactor_lr=float("nan")), "compactor_lr must be a finite number > 0, got nan"),
+        (dict(target_hidden=8, compactor_lr=0.0), "compactor_lr must be a finite number > 0"),
+        (dict(target_hidden=8, teacher_lr=float("inf")), "teacher_lr must be a finite number >= 0"),
+        (dict(target_hidden=8, weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+        (dict(target_hidden=8, adam_eps=-1.0), "adam_eps must be a finite number > 0"),
+        (dict(target_hidden=8, adam_betas=(1.5, 0.9)), "adam_betas must be two numbers in [0, 1)"),
+        (dict(target_hidden=8, adam_betas=(0.9,)), "adam_betas must be two numbers in [0, 1)"),
+        (dict(target_hidden=8, warmup_ratio=float("nan")), "warmup_ratio must be in [0, 1)"),
+        (dict(target_hidden=True), "target_hidden must be a positive integer, got True"),
+        (dict(target_hidden=8, w_step=True), "w_step must be a positive integer, got True"),
     ],
 )
 def test_invalid_config_fails_on_creation(kwargs, fragment):
@@ -98,6 +109,7 @@ def test_invalid_config_fails_on_creation(kwargs, fragment):
 def test_round_trips_through_a_dict():
     config = WIDConfig.from_preset("wid11", BERT_BASE, alignment="tied", penalty=5.0)
     assert WIDConfig.from_dict(config.to_dict()) == config
+    assert WIDConfig.from_dict({**config.to_dict(), "layer_norm_eps": None}) == config  # a checkpoint of an older wid
 
 
 def test_steps_to_target_counts_the_slowest_group():

@@ -5,6 +5,7 @@ Families: bert, roberta, xlm-roberta, camembert, electra, distilbert (wid.archit
     model = wid.attach(teacher, wid.WIDConfig(preset="wid55"))   # identity compactors, same logits
     optimizer = wid.build_optimizer(model)                        # AdamW + the WID update rule
     ... every w_step steps: wid.update_masks(model) ...
+    wid.finalize(model)                                           # masked entries to 0: the fold is exact
     student = wid.fold(model)                                     # plain model of the teacher's class
     model.save_pretrained(d); model = wid.load_checkpoint(d)      # the compactor model, masks included
 """
@@ -17,7 +18,9 @@ from .masks import (
     KeptWidths,
     apply_schedule,
     current_widths,
+    finalize,
     kept_widths,
+    masked_compactor_fraction,
     masked_entry_norm,
     masked_parameters,
     prune,
@@ -31,5 +34,5 @@ __all__ = [
     "WIDConfig", "PRESETS", "TeacherDims", "UnsupportedModelError", "attach", "CompactedLinear", "MaskedLayerNorm",
     "WIDState", "update_masks", "apply_schedule", "prune", "kept_widths", "KeptWidths", "masked_parameters",
     "masked_entry_norm", "current_widths", "WIDAdamW", "build_optimizer", "fold", "verify_fold", "kept_indices",
-    "FoldError", "load_checkpoint", "CheckpointError",
+    "FoldError", "load_checkpoint", "CheckpointError", "finalize", "masked_compactor_fraction",
 ]

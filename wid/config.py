@@ -8,7 +8,8 @@ teacher by width ratio, so `wid55` gives the paper's 516/12×43/2064 on BERT-bas
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 from wid_kernels.reference import UPDATE_RULES  # one list of rules, next to the math that defines them
 
@@ -61,6 +62,14 @@ def _round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class WIDConfig:
     """Target student + WID hyper-parameters (defaults are the paper's)."""
@@ -91,7 +100,6 @@ class WIDConfig:
     # several times Adam's usual size (≈10× at step 10, ≈3× at step 100).
     bias_correction: bool = False
     adam_eps: float = 1e-6
-    layer_norm_eps: float | None = field(default=None)  # None: the teacher's
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -106,18 +114,23 @@ class WIDConfig:
                              f"({', '.join(PRESETS)})")
         for name in ("target_hidden", "target_intermediate", "target_heads"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("w_step", "hidden_updates", "attention_updates", "intermediate_updates", "mlm_updates", "updates_per_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.penalty < 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.teacher_lr < 0 or self.compactor_lr <= 0:
-            raise ValueError("learning rates must be positive (teacher_lr may be 0 to freeze the teacher weights)")
+        # NaN passes every `<` test: without these checks a NaN learning rate trains until the loss is NaN
+        for name, low, low_allowed, what in (("penalty", 0, True, ">= 0"), ("teacher_lr", 0, True, ">= 0 (0 freezes the "
+                                             "teacher weights)"), ("compactor_lr", 0, False, "> 0"),
+                                             ("weight_decay", 0, True, ">= 0"), ("adam_eps", 0, False, "> 0")):
+            value = getattr(self, name)
+            if not _finite_number(value) or value < low or (value == low and not low_allowed):
+                raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+        if not _finite_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if len(self.adam_betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1) (β1, β2), got {self.adam_betas!r}")
 
     # ------------------------------------------------------------------ presets
     @classmethod

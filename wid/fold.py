@@ -195,7 +195,7 @@ def check_finite(tensors: dict) -> None:
 def fold(model, with_head: bool = True, progressbar: bool | None = None, compensation=None):
     """Fold an attached model into a plain student of the teacher's class (or its base encoder, with pooler).
 
-    Exact when the masked entries are zero (after `wid.prune`, or closely after WID training);
+    Exact when the masked entries are zero (after `wid.finalize` or `wid.prune`);
     the compactor model is left unchanged. `compensation` (a calibrated `wid.compensate.CutCompensation`)
     replaces the linears by their compensated versions.
     """

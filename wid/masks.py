@@ -224,7 +224,8 @@ def at_target(model) -> bool:
 
 def finalize(model) -> None:
     """Make the fold exact at the target width: keep the trained masks if they are at the target
-    (re-ranking now would drop channels the penalty kept alive), else prune to it; zero masked entries."""
+    (re-ranking now would drop channels the penalty kept alive), else prune to it; zero masked entries.
+    Call it before `wid.fold` after training: the penalty alone leaves the masked entries small, not 0."""
     if at_target(model):
         zero_masked_entries(model)
     else:
@@ -248,7 +249,10 @@ def _masked_squares(model, compactors_only: bool) -> tuple[float, int]:
 
 
 def masked_entry_norm(model) -> float:
-    """L2 norm of all masked entries (compactors, biases, LayerNorms): how far the fold is from exact (0 after `prune`)."""
+    """L2 norm of all masked entries (compactors, biases, LayerNorms): 0 (after `finalize` or `prune`) means the fold is
+    exact. Not a distance from exact: the LayerNorm and bias entries move at the teacher's learning rate and barely
+    shrink, and most of them do not reach the kept channels; the penalty's progress is `masked_compactor_fraction`,
+    the fold's exactness `wid.verify_fold`."""
     if not wid_state(model).masks_active:
         return float("nan")
     return _masked_squares(model, compactors_only=False)[0] ** 0.5

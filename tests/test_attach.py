@@ -147,3 +147,39 @@ def test_a_saved_compactor_model_reloads_with_load_checkpoint(tmp_path):
                                num_hidden_layers=1)).save_pretrained(tmp_path / "plain")
     with pytest.raises(wid.CheckpointError, match="plain model"):
         wid.load_checkpoint(tmp_path / "plain")
+
+
+def test_a_sharded_save_of_a_compactor_model_reloads(tmp_path):
+    model = wid.attach(make_teacher(layers=2, heads=3, head_dim=4), WIDConfig(target_hidden=6, target_intermediate=9))
+    wid.update_masks(model)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    reloaded = wid.load_checkpoint(tmp_path)
+    input_ids, attention_mask = random_batch(model.config.vocab_size)
+    model.eval()
+    torch.testing.assert_close(reloaded(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               model(input_ids=input_ids, attention_mask=attention_mask).logits, rtol=0, atol=1e-6)
+
+
+def test_a_compiled_model_is_folded_as_the_model_it_wraps_and_refused_by_attach():
+    model = wid.attach(make_teacher(layers=2, heads=3, head_dim=4), WIDConfig(target_hidden=6, target_intermediate=9))
+    wid.prune(model)
+    compiled = torch.compile(model, backend="eager")
+    student = wid.fold(compiled)
+    assert student.config.hidden_size == 6 and wid.verify_fold(model, student) < 1e-5
+    with pytest.raises(wid.UnsupportedModelError, match="call wid.attach first, then torch.compile"):
+        wid.attach(torch.compile(make_teacher(layers=1, heads=3, head_dim=4), backend="eager"),
+                   WIDConfig(target_hidden=6, target_intermediate=9))
+
+
+def test_kept_widths_takes_the_teachers_config_or_model_and_refuses_negative_counts():
+    teacher = make_teacher(layers=2, heads=3, head_dim=4)
+    config = WIDConfig(target_hidden=6, target_intermediate=9)
+    dims = wid.TeacherDims.from_config(teacher.config)
+    assert wid.kept_widths(config, teacher.config, 3) == wid.kept_widths(config, teacher, 3) == wid.kept_widths(config, dims, 3)
+    with pytest.raises(ValueError, match="updates must be a number of mask updates"):
+        wid.kept_widths(config, dims, -1)
+    model = wid.attach(teacher, config)
+    with pytest.raises(ValueError, match="updates must be a number of mask updates"):
+        wid.apply_schedule(model, -2)
+    assert int(model.wid_state.mask_updates) == 0

@@ -278,6 +278,9 @@ def ensure_mlm_head(model):
     check_supported_config(config)
     if isinstance(model, mlm_model_class(config)):
         return model
+    if hasattr(model, "_orig_mod"):  # torch.compile's wrapper
+        raise UnsupportedModelError("WID attaches to the model itself, not a torch.compile'd one: call wid.attach "
+                                    "first, then torch.compile the attached model")
     if not isinstance(model, encoder_model_class(config)):
         raise UnsupportedModelError(
             f"WID takes a {mlm_model_class(config).__name__} or a {encoder_model_class(config).__name__}, got "

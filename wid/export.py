@@ -31,15 +31,29 @@ class CheckpointError(ValueError):
     """A checkpoint or student directory that cannot be read."""
 
 
-def _read_weights(path: Path) -> dict:
-    safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
-    try:
-        if safetensors_file.exists():
-            from safetensors.torch import load_file
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a saved model: one file, or the shards its index names (save_pretrained(max_shard_size=))."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).exists():
+            return [path / single]
+        if (path / index).exists():
+            shards = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()
+            return [path / name for name in dict.fromkeys(shards)]
+    return []
 
-            return load_file(str(safetensors_file))
-        if torch_file.exists():
-            return torch.load(torch_file, map_location="cpu", weights_only=True)
+
+def _read_weights(path: Path) -> dict:
+    try:
+        weights = {}
+        for file in _weight_files(path):
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                weights.update(load_file(str(file)))
+            else:
+                weights.update(torch.load(file, map_location="cpu", weights_only=True))
+        if weights:
+            return weights
     except Exception as exc:
         raise CheckpointError(f"cannot read the weights in {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
                               "incomplete: use an earlier checkpoint") from None

@@ -197,8 +197,9 @@ def fold(model, with_head: bool = True, progressbar: bool | None = None, compens
 
     Exact when the masked entries are zero (after `wid.finalize` or `wid.prune`);
     the compactor model is left unchanged. `compensation` (a calibrated `wid.compensate.CutCompensation`)
-    replaces the linears by their compensated versions.
+    replaces the linears by their compensated versions. A torch.compile'd model is folded as the model it wraps.
     """
+    model = getattr(model, "_orig_mod", model)
     family = family_of(model)
     state = wid_state(model)
     if not state.masks_active and state.config.mask_updates_to_target(state.dims) > 0:

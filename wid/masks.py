@@ -49,8 +49,13 @@ def _linear_growth(total: int, updates: int, length: int, rounding: str = "ceil"
     return total * done // length if rounding == "authors" else -(-total * done // length)
 
 
-def kept_widths(config: WIDConfig, dims: TeacherDims, updates: int) -> KeptWidths:
-    """The schedule: kept widths after `updates` mask updates (0 = nothing pruned yet)."""
+def kept_widths(config: WIDConfig, dims, updates: int) -> KeptWidths:
+    """The schedule: kept widths after `updates` mask updates (0 = nothing pruned yet). `dims`: the teacher's
+    `TeacherDims`, its Hugging Face config, or the teacher model."""
+    if not isinstance(dims, TeacherDims):
+        dims = TeacherDims.from_config(getattr(dims, "config", dims))
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        raise ValueError(f"updates must be a number of mask updates (0 or more), got {updates!r}")
     if not config.resolved:
         config = config.for_teacher(dims)
     rounding = config.schedule_rounding

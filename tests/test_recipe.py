@@ -107,6 +107,30 @@ def test_bias_correction_multiplies_the_schedule_by_adams_factor(tmp_path):
     schedule = get_linear_schedule_with_warmup(dummy, warmup_steps_for(config, 12), 12).lr_lambdas[0]
     for step, lr in logged.items():  # the lr logged at global step k is the one step k ran with
         assert lr == pytest.approx(5e-5 * schedule(step - 1) * bias_correction_factor(step, 0.9, 0.999), rel=1e-6), step
+    # a hand-written loop gets the same schedule from wid.build_scheduler
+    from transformers import AutoModelForMaskedLM
+
+    import wid
+
+    model = wid.attach(AutoModelForMaskedLM.from_pretrained(teacher), WIDConfig(
+        target_hidden=6, target_intermediate=9, compactor_lr=5e-5, bias_correction=True))
+    optimizer = wid.build_optimizer(model)
+    scheduler = wid.build_scheduler(optimizer, 12)
+    compactors = next(group for group in optimizer.param_groups if group["name"] == "compactors")
+    ran_with = {}
+    for step in range(1, 13):
+        ran_with[step] = compactors["lr"]
+        optimizer.step()
+        scheduler.step()
+    for step, lr in logged.items():
+        assert ran_with[step] == pytest.approx(lr, rel=1e-6), step
+    optimizer = wid.build_optimizer(wid.attach(AutoModelForMaskedLM.from_pretrained(teacher), WIDConfig(
+        target_hidden=6, target_intermediate=9, compactor_lr=5e-5)))
+    plain = wid.build_scheduler(optimizer, 12)
+    optimizer.step()
+    plain.step()
+    assert plain.get_last_lr()[0] == pytest.approx(5e-5 * schedule(1))  # no bias-correction factor when not asked
+    assert ran_with[2] == pytest.approx(5e-5 * schedule(1) * bias_correction_factor(2, 0.9, 0.999)) != plain.get_last_lr()[0]
     assert bias_correction_factor(1, 0.9, 0.999) == pytest.approx(0.1 ** -1 * 0.001 ** 0.5)
     assert bias_correction_factor(10 ** 6, 0.9, 0.999) == pytest.approx(1.0)
 

@@ -4,6 +4,7 @@ Families: bert, roberta, xlm-roberta, camembert, electra, distilbert (wid.archit
 
     model = wid.attach(teacher, wid.WIDConfig(preset="wid55"))   # identity compactors, same logits
     optimizer = wid.build_optimizer(model)                        # AdamW + the WID update rule
+    scheduler = wid.build_scheduler(optimizer, total_steps)       # warm-up, decay (and bias correction if asked)
     ... every w_step steps: wid.update_masks(model) ...
     wid.finalize(model)                                           # masked entries to 0: the fold is exact
     student = wid.fold(model)                                     # plain model of the teacher's class
@@ -26,7 +27,7 @@ from .masks import (
     prune,
     update_masks,
 )
-from .optim import WIDAdamW, build_optimizer
+from .optim import WIDAdamW, build_optimizer, build_scheduler
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,5 @@ __all__ = [
     "WIDConfig", "PRESETS", "TeacherDims", "UnsupportedModelError", "attach", "CompactedLinear", "MaskedLayerNorm",
     "WIDState", "update_masks", "apply_schedule", "prune", "kept_widths", "KeptWidths", "masked_parameters",
     "masked_entry_norm", "current_widths", "WIDAdamW", "build_optimizer", "fold", "verify_fold", "kept_indices",
-    "FoldError", "load_checkpoint", "CheckpointError", "finalize", "masked_compactor_fraction",
+    "FoldError", "load_checkpoint", "CheckpointError", "finalize", "masked_compactor_fraction", "build_scheduler",
 ]

@@ -110,3 +110,17 @@ def build_optimizer(model, config=None) -> WIDAdamW:
         update_rule=config.update_rule,
     )
 
+
+def build_scheduler(optimizer: WIDAdamW, total_steps: int, config=None):
+    """The learning-rate schedule `wid distill` trains with, for a hand-written loop (step it after each optimizer
+    step): linear warm-up over `warmup_ratio` of `total_steps`, linear decay to 0, times Adam's bias-correction factor
+    when `config.bias_correction` (default: the config of the optimizer's model). The optimizer itself has neither."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from .training import warmup_steps_for, with_bias_correction
+
+    config = config or optimizer._wid.config
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps_for(config, total_steps), total_steps)
+    return with_bias_correction(scheduler, config)

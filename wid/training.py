@@ -261,6 +261,16 @@ class MaskedLMTrainer(Trainer):
             print(f"[wid] resuming from {checkpoint} with this run's optimizer settings: {'; '.join(changed)}")
 
 
+def with_bias_correction(scheduler, config):
+    """A LambdaLR's factors times Adam's bias-correction factor, when `config.bias_correction` asks for it."""
+    if config.bias_correction:
+        beta1, beta2 = config.adam_betas
+        scheduler.lr_lambdas = [
+            lambda k, base=base: base(k) * bias_correction_factor(k + 1, beta1, beta2) for base in scheduler.lr_lambdas]
+        _apply_schedule(scheduler)
+    return scheduler
+
+
 def _apply_schedule(scheduler) -> None:
     """Set every group's lr from a LambdaLR's base_lrs and lr_lambdas at its current position (after either changed)."""
     for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
@@ -308,12 +318,8 @@ class WIDTrainer(MaskedLMTrainer):
         """The Trainer's schedule, times Adam's bias-correction factor when the WID config asks for it."""
         created = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        config = wid_state(unwrap(self.model)).config
-        if created and config.bias_correction and hasattr(scheduler, "lr_lambdas"):
-            beta1, beta2 = config.adam_betas
-            scheduler.lr_lambdas = [
-                lambda k, base=base: base(k) * bias_correction_factor(k + 1, beta1, beta2) for base in scheduler.lr_lambdas]
-            _apply_schedule(scheduler)
+        if created and hasattr(scheduler, "lr_lambdas"):
+            with_bias_correction(scheduler, wid_state(unwrap(self.model)).config)
         return scheduler
 
     def log(self, logs, *args, **kwargs):

@@ -61,7 +61,7 @@ def test_a_launch_of_several_processes_the_trainer_does_not_join_is_refused(file
 
 
 @pytest.mark.parametrize("backend, fragment", [
-    ("bogus", "unknown --backend bogus; choose one of auto, reference"),
+    ("bogus", "unknown backend in --backend bogus; choose one of auto, reference"),
     ("cuda", "--backend cuda is unavailable here (no GPU in this test); use --backend auto"),
 ])
 def test_a_backend_that_cannot_run_here_is_refused_not_replaced(files, tmp_path, capsys, monkeypatch, backend, fragment):
@@ -89,7 +89,7 @@ def test_a_reporting_integration_that_is_not_installed_is_one_line(files, tmp_pa
 def test_the_backend_variable_is_used_when_no_flag_is_given(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WID_BACKEND", "bogus")
     assert main(["distill", *distill_argv(files["teacher"], files["corpus"], tmp_path / "out")]) == 2
-    assert "unknown --backend bogus" in capsys.readouterr().err
+    assert "unknown backend in WID_BACKEND=bogus" in capsys.readouterr().err  # where the choice came from
 
 
 @pytest.mark.parametrize("epochs", ["0", "-2"])
@@ -198,3 +198,17 @@ def test_only_the_main_process_prints_the_summary(monkeypatch, capsys):
     monkeypatch.setattr(transformers.TrainingArguments, "process_index", property(lambda self: 1))
     assert main(["distill", "--max_steps", "3"]) == 0
     assert capsys.readouterr().out.strip() == ""
+
+
+def test_warnings_of_the_command_are_one_line_without_source_code():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WID_BACKEND="triton")
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "wid.cli", "info"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "backend 'triton' is unavailable" in line]
+    assert warned and warned[0].startswith("wid: UserWarning: wid_kernels: backend 'triton' is unavailable")
+    assert "set_backend(" not in result.stderr  # Python's default format would print the warning's source line

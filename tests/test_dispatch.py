@@ -181,3 +181,47 @@ def test_wid_info_shows_the_backend_of_every_op(capsys):
     for op in selection.OPS:
         assert op in cpu
     assert "self-check passed" in cpu or "the reference" in cpu
+
+
+def _bad_mask_calls(keep):
+    """One call of every op whose mask is `keep` (a stand-in for a bool mask over 6 channels)."""
+    x, W, Q, L = torch.randn(3, 5), torch.randn(6, 5), torch.eye(6), torch.eye(5)
+    good_in = torch.ones(5, dtype=torch.bool)
+    p = torch.randn(6, 5)
+    return {
+        "compacted_linear": lambda: wid_kernels.compacted_linear(x, Q, W, L, None, keep, good_in),
+        "fold": lambda: wid_kernels.fold(Q, W, L, None, keep, good_in),
+        "masked_layer_norm": lambda: wid_kernels.masked_layer_norm(torch.randn(3, 6), None, torch.ones(6), torch.zeros(6),
+                                                                   keep, 1e-5),
+        "wid_adamw_multi_tensor": lambda: wid_kernels.wid_adamw_multi_tensor(
+            [p], [torch.randn(6, 5)], [torch.zeros(6, 5)], [torch.zeros(6, 5)], [keep], [0], [True], lr=1e-3, beta1=0.9,
+            beta2=0.999, eps=1e-6, weight_decay=0.0, penalty=20.0, masks_active=True),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS_HERE])
+@pytest.mark.parametrize("keep, fragment", [
+    (torch.tensor([1, 0, 1, 1, 0, 1]), "a torch.int64 tensor of shape (6,)"),  # 0/1 integers would index, not mask
+    (torch.ones(4, dtype=torch.bool), "a torch.bool tensor of shape (4,)"),
+    (torch.ones(2, 3, dtype=torch.bool), "a torch.bool tensor of shape (2, 3)"),
+])
+def test_a_keep_mask_that_is_not_a_bool_mask_over_the_channels_is_refused(backend, keep, fragment):
+    previous = wid_kernels.get_backend()
+    wid_kernels.set_backend(backend)
+    try:
+        for op, call in _bad_mask_calls(keep).items():
+            with pytest.raises(ValueError, match="must be a 1-D bool mask over 6 channels") as error:
+                call()
+            assert str(error.value).startswith(op) and fragment in str(error.value), op
+        good = torch.tensor([True, False, True, True, False, True])
+        assert wid_kernels.fold(torch.eye(6), torch.randn(6, 5), torch.eye(5), None, good, None)[0].shape == (4, 5)
+    finally:
+        wid_kernels.set_backend(previous)
+
+
+def test_a_keep_axis_outside_the_parameter_is_refused():
+    p = torch.randn(6, 5)
+    with pytest.raises(ValueError, match=r"keep_axes\[0\] = 2 is not an axis of a 2-D parameter"):
+        wid_kernels.wid_adamw_multi_tensor([p], [torch.randn(6, 5)], [torch.zeros(6, 5)], [torch.zeros(6, 5)],
+                                           [torch.ones(5, dtype=torch.bool)], [2], [True], lr=1e-3, beta1=0.9, beta2=0.999,
+                                           eps=1e-6, weight_decay=0.0, penalty=20.0, masks_active=True)

@@ -170,7 +170,16 @@ COMMANDS = {"distill": distill, "export": export, "verify": verify, "evaluate": 
             "similarity": similarity, "info": info}
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line each (Python's default adds the source line that raised it, which means nothing to a user
+    of the command)."""
+    return f"wid: {category.__name__}: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else

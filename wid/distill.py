@@ -190,16 +190,18 @@ def check_numeric_arguments(args: DistillArguments, training_args: TrainingArgum
         raise RunError(f"--calibration_batches must be at least 1, got {args.calibration_batches}")
 
 
-def check_backend(name: str) -> None:
-    """A backend asked for by name runs as it is (no fallback): one that cannot load here is refused, not replaced."""
+def check_backend(name: str, source: str = "--backend") -> None:
+    """A backend asked for by name runs as it is (no fallback): one that cannot load here is refused, not replaced.
+    `source` names where the choice came from (the flag or the WID_BACKEND variable)."""
     name = (name or "auto").strip().lower()
     if name == "auto":
         return
+    given = f"--backend {name}" if source == "--backend" else f"{source}={name}"
     status = wid_kernels.available_backends()
     if name not in status:
-        raise RunError(f"unknown --backend {name}; choose one of auto, {', '.join(status)}")
+        raise RunError(f"unknown backend in {given}; choose one of auto, {', '.join(status)}")
     if status[name] is not None:
-        raise RunError(f"--backend {name} is unavailable here ({status[name]}); use --backend auto (per op, checked, with "
+        raise RunError(f"{given} is unavailable here ({status[name]}); use --backend auto (per op, checked, with "
                        "fallback) or one that `wid info` lists as available")
 
 
@@ -400,8 +402,9 @@ def run_distillation(args: DistillArguments, training_args: TrainingArguments, c
         flush_denormals()  # before any torch work spawns the CPU thread pool
     check_numeric_arguments(args, training_args)
     check_launch(training_args)
+    source = "--backend" if args.backend else "WID_BACKEND"
     args.backend = args.backend or os.environ.get("WID_BACKEND") or "auto"  # the flag, else the variable, as wid info
-    check_backend(args.backend)
+    check_backend(args.backend, source)
     check_reporting(training_args)
     if args.method not in METHODS:
         raise RunError(f"unknown --method {args.method}; choose one of {', '.join(METHODS)}")

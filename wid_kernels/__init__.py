@@ -155,6 +155,18 @@ def _matmul_op(op_name: str, like, tensors: list, extra: tuple):
         return _call(op_name, next(t for t in tensors if t is not None), *tensors, *extra)
 
 
+def _check_mask(op_name: str, name: str, keep, length: int) -> None:
+    """A keep mask is None or a 1-D bool tensor over `length` channels: an integer 0/1 tensor would index instead of
+    mask (fold would return rows 0 and 1 over and over), and a wrong length is ignored by some backends."""
+    if keep is None:
+        return
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != length:
+        got = (f"a {keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor)
+               else type(keep).__name__)
+        raise ValueError(f"{op_name}: {name} must be a 1-D bool mask over {length} channels, got {got}; "
+                         "pass index lists as a mask, e.g. torch.zeros(n, dtype=torch.bool).index_fill_(0, idx, True)")
+
+
 def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     """y = x·(Q·W·L)ᵀ + Q·b, differentiable in every tensor.
 
@@ -162,11 +174,15 @@ def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     Q's rows / L's columns: a backend may leave the gradient of the other rows/columns uncomputed
     (the WID update rule discards it).
     """
+    _check_mask("compacted_linear", "keep_out", keep_out, W.shape[0])
+    _check_mask("compacted_linear", "keep_in", keep_in, W.shape[1])
     return _matmul_op("compacted_linear", x, [x, Q, W, L, bias], (keep_out, keep_in))
 
 
 def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
     """(Q[keep_out]·W·L[:, keep_in])·scale and (Q·b)[keep_out]·scale: the structural re-parameterisation."""
+    _check_mask("fold", "keep_out", keep_out, W.shape[0])
+    _check_mask("fold", "keep_in", keep_in, W.shape[1])
     return _matmul_op("fold", W, [Q, W, L, bias], (keep_out, keep_in, scale))
 
 
@@ -180,6 +196,7 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     with an fp32 residual (the stream) goes in as it is: x + residual is the fp32 sum either way, and a backend
     that adds inside its kernel saves the pass that casting x first would cost.
     """
+    _check_mask("masked_layer_norm", "keep", keep, x.shape[-1])
     if _autocast_dtype(x) is None:
         return _call("masked_layer_norm", x, x, residual, gamma, beta, keep, eps)
     with torch.autocast(x.device.type, enabled=False):
@@ -201,5 +218,11 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
     reference.check_update_rule(update_rule)
     if not params:
         return None
+    for index, (param, keep, axis) in enumerate(zip(params, keeps, keep_axes)):
+        if keep is not None:
+            if not -param.dim() <= axis < param.dim():
+                raise ValueError(f"wid_adamw_multi_tensor: keep_axes[{index}] = {axis} is not an axis of a "
+                                 f"{param.dim()}-D parameter")
+            _check_mask("wid_adamw_multi_tensor", f"keeps[{index}]", keep, param.shape[axis])
     return _call("wid_adamw_multi_tensor", params[0], params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr,
                  beta1, beta2, eps, weight_decay, penalty, masks_active, update_rule)

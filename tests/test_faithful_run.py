@@ -163,3 +163,21 @@ def test_a_run_that_saves_no_checkpoints_names_no_checkpoints_folder(files, tmp_
     summary = _run(distill_argv(files["teacher"], files["corpus"], tmp_path / "run", "--save_strategy", "no"))
     assert summary["checkpoints_dir"] is None and not (tmp_path / "run" / "checkpoints").exists()
     assert "checkpoints" not in format_summary(summary)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_teacher_saved_in_half_precision_trains_with_fp32_master_weights(files, tmp_path, dtype):
+    """transformers 5 loads a checkpoint in its saved dtype: the run's weights would be bf16/fp16, where the teacher's
+    1e-6 steps round away. The run loads fp32 (its --bf16 is autocast) and writes an fp32 student."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from wid.distill import load_teacher
+
+    half = tmp_path / "half"
+    AutoModelForMaskedLM.from_pretrained(files["teacher"]).to(dtype).save_pretrained(half)
+    AutoTokenizer.from_pretrained(files["teacher"]).save_pretrained(half)
+    assert AutoModelForMaskedLM.from_pretrained(half).dtype == dtype  # what a plain load gives
+    model, _, _ = load_teacher(str(half))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    _run(distill_argv(half, files["corpus"], tmp_path / "run"))
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "run").dtype == torch.float32

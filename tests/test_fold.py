@@ -206,3 +206,28 @@ def test_finalize_keeps_the_trained_masks_and_makes_the_fold_exact():
     assert all(torch.equal(a, b) for a, b in zip(masks, model.wid_state.buffers()))
     assert wid.masked_entry_norm(model) == 0.0 and wid.masked_compactor_fraction(model) == 0.0
     assert wid.verify_fold(model, wid.fold(model)) < 1e-5
+
+
+def test_a_half_precision_model_gives_a_student_of_its_dtype_and_a_warning_from_the_optimizer(tmp_path):
+    model = wid.attach(make_teacher(layers=2, heads=3, head_dim=4).to(torch.bfloat16),
+                       WIDConfig(target_hidden=6, target_intermediate=9))
+    with pytest.warns(UserWarning, match="weights are bfloat16, so steps as small as teacher_lr 1e-06 round away"):
+        wid.build_optimizer(model)
+    with torch.no_grad():
+        perturb(model)
+    wid.prune(model)
+    student = wid.fold(model)
+    assert student.dtype == torch.bfloat16 and wid.verify_fold(model, student) < 0.05
+    model.save_pretrained(tmp_path)
+    assert next(wid.load_checkpoint(tmp_path).parameters()).dtype == torch.bfloat16  # as it was saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wid.build_optimizer(wid.attach(make_teacher(layers=1, heads=3, head_dim=4), WIDConfig(target_hidden=6)))
+
+
+def test_verify_fold_names_its_arguments_when_they_are_swapped():
+    model = wid.attach(make_teacher(layers=2, heads=3, head_dim=4), WIDConfig(target_hidden=6, target_intermediate=9))
+    wid.prune(model)
+    student = wid.fold(model, with_head=False)
+    with pytest.raises(TypeError, match="`model` is the attached"):
+        wid.verify_fold(student, model)

@@ -56,7 +56,7 @@ def load_encoder(model_dir, role: str = "model"):
         raise AttentionComparisonError(f"the {role} in {path}: {exc}") from None
     try:
         with quiet_transformers():
-            model = AutoModel.from_pretrained(path, attn_implementation="eager")
+            model = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
         raise AttentionComparisonError(f"cannot load the {role} in {path} ({type(exc).__name__}); pass a folder written by save_pretrained (base or masked-LM model)") from None
     return model.eval()

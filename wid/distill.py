@@ -131,7 +131,8 @@ def teacher_config(name_or_path: str):
 
 def load_teacher(name_or_path: str):
     """(model, tokenizer, has_mlm_head): the family's masked-LM model, with a fresh head if the checkpoint had none
-    (a base encoder, a sentence encoder, an ELECTRA discriminator)."""
+    (a base encoder, a sentence encoder, an ELECTRA discriminator). In fp32 whatever the dtype it was saved in: the
+    weights are the run's master weights (`--bf16` is autocast), and a 1e-6 step vanishes in bf16/fp16 weights."""
     from .data import load_tokenizer
 
     config = teacher_config(name_or_path)
@@ -139,11 +140,12 @@ def load_teacher(name_or_path: str):
     head = family_of(config).head
     try:
         with quiet_transformers():
-            model, info = mlm_model_class(config).from_pretrained(name_or_path, output_loading_info=True)
+            model, info = mlm_model_class(config).from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
         has_head = not any(key.split(".")[0] in head for key in info["missing_keys"])
         if not has_head:
             with quiet_transformers():
-                encoder, info = encoder_model_class(config).from_pretrained(name_or_path, output_loading_info=True)
+                encoder, info = encoder_model_class(config).from_pretrained(name_or_path, output_loading_info=True,
+                                                                            dtype=torch.float32)
             model = ensure_mlm_head(encoder)
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own kind
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -291,6 +293,11 @@ def _has_checkpoints(folder: Path) -> bool:
     with contextlib.suppress(OSError):
         folder.rmdir()  # only when empty: TensorBoard logs (checkpoints/runs) stay
     return False
+
+
+def _count(parameters: int) -> str:
+    """A parameter count in M (in k below 0.1 M, where two decimals of M would read 0.00)."""
+    return f"{parameters / 1e6:.2f} M" if parameters >= 100_000 else f"{parameters / 1e3:.1f} k"
 
 
 def sequences_per_step(training_args) -> int:
@@ -682,7 +689,7 @@ def format_summary(summary: dict) -> str:
         f"  teacher   {summary['teacher']}",
         f"  widths    hidden {t['hidden']} → {s['hidden']}, heads {t['heads']} → {s['heads']} × {s['hidden'] // s['heads']}, "
         f"FFN {t['intermediate']} → {s['intermediate']}, layers {s['layers']}",
-        f"  params    encoder {summary['teacher_encoder_parameters'] / 1e6:.2f} M → {summary['student_encoder_parameters'] / 1e6:.2f} M",
+        f"  params    encoder {_count(summary['teacher_encoder_parameters'])} → {_count(summary['student_encoder_parameters'])}",
         f"  steps     {summary['steps']} {'WID' if method == 'wid' else method} steps (+{summary['head_warmup_steps']} head warm-up)"
         + (("; masks at target from step {}".format(summary["schedule_reached_target_at_step"])
             if summary["schedule_reached_target_at_step"] is not None else "; masks never reached the target (cut at once)")

@@ -284,7 +284,8 @@ def _load_model(model_dir, config, label_names):
                   "id2label": dict(enumerate(label_names)), "label2id": {name: index for index, name in enumerate(label_names)}}
     try:
         with quiet_transformers():  # the new head is reported missing by design; other gaps are checked below
-            model, loading = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **labels)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True,
+                                                                                 dtype=torch.float32, **labels)
     except Exception as exc:  # noqa: BLE001 - missing weights, unsupported architecture
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
         raise EvaluationError(f"cannot load {model_dir} for sequence classification ({reason}); "

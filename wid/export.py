@@ -145,7 +145,8 @@ def load_checkpoint(path):
         names = (missing or unexpected)[:3]
         raise CheckpointError(f"the weights in {path} do not match its config ({'missing' if missing else 'unexpected'} {names}); "
                               "the checkpoint is corrupt or from another version")
-    return model.eval()
+    stored = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+    return (model.to(stored) if stored != torch.float32 else model).eval()  # as saved: a bf16 model comes back bf16
 
 
 # What writing a model folder puts there (save_pretrained, a tokenizer, sentence-transformers files, wid's summary);
@@ -421,7 +422,7 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
 
     model = load_checkpoint(checkpoint_dir)
     try:
-        student = AutoModelForMaskedLM.from_pretrained(student_dir).eval()
+        student = AutoModelForMaskedLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     except Exception as exc:
         raise CheckpointError(f"cannot load the student in {student_dir} ({type(exc).__name__}); pass a folder written by wid distill or wid export") from None
     masked_norm = masked_entry_norm(model)

@@ -6,7 +6,7 @@ and a uniform config of the same `model_type`, loadable anywhere with `from_pret
 Every linear becomes `W_S = Q[keep_out]·W·L[:, keep_in]`, `b_S = (Q·b)[keep_out]`; the attention
 scale 1/√d_teacher is folded into the query (× √(d_s/d_teacher)); embeddings, LayerNorms and the
 pooler are index-selected. The computation is done in fp32 on the CPU and checked for non-finite
-values; `verify_fold` compares the logits of the compactor model and the student (the kept hidden channels of
+values; the student has the dtype of the model's weights; `verify_fold` compares the logits of the compactor model and the student (the kept hidden channels of
 their encoder outputs, for a base-encoder student).
 """
 from __future__ import annotations
@@ -225,6 +225,9 @@ def fold(model, with_head: bool = True, progressbar: bool | None = None, compens
     missing = [k for k in missing if k != f"{family.decoder}.weight" or not tie]
     if missing or unexpected:
         raise FoldError(f"internal error: student tensors missing {missing} / unexpected {unexpected}")
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype != torch.float32:  # folded in fp32, stored as the model was (a bf16 model gives a bf16 student)
+        student.to(dtype)
     student.eval()
     return student if with_head else base_model(student)
 
@@ -274,6 +277,8 @@ def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: in
     """Max |logit difference| between the compactor model and the student on random padded inputs; for a base-encoder
     student (`fold(model, with_head=False)`), max |difference| of the encoder outputs at the kept hidden channels
     (the compactor model's masked channels are zero there)."""
+    if getattr(model, "wid_state", None) is None or getattr(student, "wid_state", None) is not None:
+        raise TypeError("verify_fold(model, student): `model` is the attached (compactor) model and `student` its fold")
     inputs = fold_check_inputs(student.config, batch_size, seq_len, seed)
     if base_model(student) is student:
         kept = kept_indices(model)["hidden"]

@@ -14,6 +14,8 @@ weight decay first); `wid_kernels.reference.wid_adamw_step` is the source of tru
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import wid_kernels
@@ -95,9 +97,15 @@ def parameter_groups(model, config=None) -> list[dict]:
 
 
 def build_optimizer(model, config=None) -> WIDAdamW:
-    """The optimizer of WID_METHOD §5 for an attached model."""
+    """The optimizer of WID_METHOD §5 for an attached model. Warns when the weights are bf16/fp16: they are the master
+    weights here, and the teacher's small steps (1e-6 by default) round away in them."""
     state = wid_state(model)
     config = config or state.config
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)})
+    if half:
+        warnings.warn(f"build_optimizer: the model's weights are {'/'.join(half)}, so steps as small as teacher_lr "
+                      f"{config.teacher_lr:g} round away in them; keep fp32 weights and train under torch.autocast",
+                      stacklevel=2)
     return WIDAdamW(
         parameter_groups(model, config),
         state=state,

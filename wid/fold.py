@@ -246,29 +246,26 @@ def fold_check_inputs(config, batch_size: int = 4, seq_len: int = 24, seed: int 
 
 
 @torch.no_grad()
+def _outputs_in_eval_mode(module, model, inputs: dict):
+    """`module`'s outputs on `inputs` (the entries `model`'s family takes), run in eval mode on its own device."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    try:
+        return module(**{k: v.to(device) for k, v in model_inputs(model, inputs).items()})
+    finally:
+        module.train(was_training)
+
+
 def check_logits(model, inputs: dict) -> torch.Tensor:
     """`model`'s fp32 logits (on the CPU) at the real tokens of `inputs` (`fold_check_inputs`), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        logits = model(**{k: v.to(device) for k, v in model_inputs(model, inputs).items()}).logits.float().cpu()
-    finally:
-        model.train(was_training)
+    logits = _outputs_in_eval_mode(model, model, inputs).logits.float().cpu()
     return logits[inputs["attention_mask"].bool()]
 
 
-@torch.no_grad()
 def check_hidden_states(model, inputs: dict, channels: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 last hidden states (on the CPU) of `model`'s encoder at the real tokens of `inputs`, at `channels`."""
-    encoder = base_model(model)
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    try:
-        hidden = encoder(**{k: v.to(device) for k, v in model_inputs(model, inputs).items()}).last_hidden_state.float().cpu()
-    finally:
-        encoder.train(was_training)
+    hidden = _outputs_in_eval_mode(base_model(model), model, inputs).last_hidden_state.float().cpu()
     hidden = hidden[inputs["attention_mask"].bool()]
     return hidden if channels is None else hidden[:, channels]
 

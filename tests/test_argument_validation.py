@@ -104,7 +104,8 @@ def test_a_run_of_no_epochs_is_refused(files, tmp_path, capsys, epochs):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--save_widths", "0.25"], "--save_widths 0.25 is below the student's width"),
+    (["--save_widths", "0.25"], "--save_widths 0.25 is below the student's width (6 of 12), so it is never reached; "
+                                "pass fractions of at least 0.5 and below 1"),
     (["--max_seq_length", "65"], "beyond the teacher's 64 position embeddings; pass --max_seq_length 64 or less"),
 ])
 def test_a_value_the_teacher_or_target_cannot_reach_is_refused(files, tmp_path, capsys, extra, fragment):
@@ -212,3 +213,14 @@ def test_warnings_of_the_command_are_one_line_without_source_code():
     warned = [line for line in result.stderr.splitlines() if "backend 'triton' is unavailable" in line]
     assert warned and warned[0].startswith("wid: UserWarning: wid_kernels: backend 'triton' is unavailable")
     assert "set_backend(" not in result.stderr  # Python's default format would print the warning's source line
+
+
+def test_a_resume_of_the_default_run_keeps_the_checkpoints_w_step(monkeypatch):
+    """The default run's w_step is not forced on a resume: the checkpoint's (fitted to a short --max_steps) is kept."""
+    import wid.distill
+
+    seen = {}
+    monkeypatch.setattr(wid.distill, "run_distillation", lambda args, training_args, callbacks=(): seen.update(args=args) or {})
+    monkeypatch.setattr(wid.distill, "format_summary", lambda summary: "")
+    assert main(["distill", "--max_steps", "40", "--resume_from_checkpoint", "wid-student"]) == 0
+    assert seen["args"].w_step is None

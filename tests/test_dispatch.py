@@ -219,9 +219,11 @@ def test_a_keep_mask_that_is_not_a_bool_mask_over_the_channels_is_refused(backen
         wid_kernels.set_backend(previous)
 
 
-def test_a_keep_axis_outside_the_parameter_is_refused():
-    p = torch.randn(6, 5)
-    with pytest.raises(ValueError, match=r"keep_axes\[0\] = 2 is not an axis of a 2-D parameter"):
-        wid_kernels.wid_adamw_multi_tensor([p], [torch.randn(6, 5)], [torch.zeros(6, 5)], [torch.zeros(6, 5)],
-                                           [torch.ones(5, dtype=torch.bool)], [2], [True], lr=1e-3, beta1=0.9, beta2=0.999,
+@pytest.mark.parametrize("axis", [2, -1])
+def test_a_keep_axis_outside_the_parameter_is_refused(axis):
+    """The backends read the axis as given: -1 would mask rows where the caller meant columns."""
+    p = torch.randn(5, 5)
+    with pytest.raises(ValueError, match=rf"keep_axes\[0\] = {axis} is not an axis \(0 to 1\) of a 2-D parameter"):
+        wid_kernels.wid_adamw_multi_tensor([p], [torch.randn(5, 5)], [torch.zeros(5, 5)], [torch.zeros(5, 5)],
+                                           [torch.ones(5, dtype=torch.bool)], [axis], [True], lr=1e-3, beta1=0.9, beta2=0.999,
                                            eps=1e-6, weight_decay=0.0, penalty=20.0, masks_active=True)

@@ -220,6 +220,9 @@ def test_a_half_precision_model_gives_a_student_of_its_dtype_and_a_warning_from_
     assert student.dtype == torch.bfloat16 and wid.verify_fold(model, student) < 0.05
     model.save_pretrained(tmp_path)
     assert next(wid.load_checkpoint(tmp_path).parameters()).dtype == torch.bfloat16  # as it was saved
+    in_fp32 = wid.load_checkpoint(tmp_path, torch.float32)  # as wid export and wid verify load it: the fold is exact
+    student_fp32 = wid.fold(in_fp32)
+    assert student_fp32.dtype == torch.float32 and wid.verify_fold(in_fp32, student_fp32) < 1e-5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wid.build_optimizer(wid.attach(make_teacher(layers=1, heads=3, head_dim=4), WIDConfig(target_hidden=6)))
@@ -231,3 +234,6 @@ def test_verify_fold_names_its_arguments_when_they_are_swapped():
     student = wid.fold(model, with_head=False)
     with pytest.raises(TypeError, match="`model` is the attached"):
         wid.verify_fold(student, model)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # as DistributedDataParallel holds it
+    assert wid.verify_fold(wrapped, student) < 1e-5

@@ -43,7 +43,7 @@ def distill(argv) -> int:
                 defaults[name] = DEFAULT_RUN[name]
         if args.preset is None and args.target_hidden is None:
             args.preset = DEFAULT_RUN["preset"]
-        if args.w_step is None:
+        if args.w_step is None and not _given(argv, "resume_from_checkpoint"):  # a resume keeps its checkpoint's
             args.w_step = DEFAULT_RUN["w_step"]
         for name in ("compactor_lr", "teacher_lr"):
             if not _given(argv, name):

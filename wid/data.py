@@ -55,7 +55,7 @@ def read_utf8_text(path, error=ValueError, what: str = "file") -> str:
                     "latin1 -t utf-8") from None
 
 
-@functools.lru_cache(maxsize=8192)  # a corpus folder of many files is resolved several times per run
+@functools.lru_cache(maxsize=None)  # a run resolves its corpus several times: each file is read once
 def _scan_text_file(path: Path, size: int, mtime_ns: int) -> tuple[bool, str]:
     """(whether the file holds text (any non-whitespace character), SHA-256 of its text); CorpusError, one line, when
     it is not readable UTF-8 text: binary data (a NUL byte), bytes that are not UTF-8, or a .jsonl line that is not a

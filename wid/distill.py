@@ -274,9 +274,9 @@ def check_save_widths(fractions, config: WIDConfig, dims: TeacherDims) -> None:
     widths = [kept_widths(config, dims, update).hidden for update in range(config.mask_updates_to_target(dims) + 1)]
     for fraction in sorted(set(fractions), reverse=True):
         if fraction * dims.hidden < config.target_hidden:
+            lowest = math.ceil(config.target_hidden / dims.hidden * 1000) / 1000
             raise RunError(f"--save_widths {fraction:g} is below the student's width ({config.target_hidden} of "
-                           f"{dims.hidden}, {config.target_hidden / dims.hidden:.3g}), so it is never reached; pass "
-                           f"fractions from {config.target_hidden / dims.hidden:.3g} to 1")
+                           f"{dims.hidden}), so it is never reached; pass fractions of at least {lowest:g} and below 1")
         width = next(width for width in widths if width <= fraction * dims.hidden)
         if width in first_at:
             steps = ", ".join(str(w) for w in sorted(set(widths), reverse=True))

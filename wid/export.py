@@ -107,8 +107,10 @@ def tied_keys(model) -> tuple[str, ...]:
     return (f"{family.decoder}.weight", f"{family.decoder}.bias")
 
 
-def load_checkpoint(path):
-    """Rebuild the compactor model of a `wid distill` training checkpoint (masks included)."""
+def load_checkpoint(path, dtype: torch.dtype | None = None):
+    """Rebuild the compactor model of a `wid distill` training checkpoint (masks included), or of an attached model
+    saved with save_pretrained: in `dtype`, or the dtype it was saved in (None). Export and verify load fp32, the
+    precision the fold computes in."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a WID training checkpoint (no config.json); pass a checkpoint-N folder written by wid distill")
@@ -145,8 +147,8 @@ def load_checkpoint(path):
         names = (missing or unexpected)[:3]
         raise CheckpointError(f"the weights in {path} do not match its config ({'missing' if missing else 'unexpected'} {names}); "
                               "the checkpoint is corrupt or from another version")
-    stored = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
-    return (model.to(stored) if stored != torch.float32 else model).eval()  # as saved: a bf16 model comes back bf16
+    dtype = dtype or next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+    return (model.to(dtype) if dtype != torch.float32 else model).eval()
 
 
 # What writing a model folder puts there (save_pretrained, a tokenizer, sentence-transformers files, wid's summary);
@@ -352,7 +354,7 @@ def export_checkpoint(checkpoint_dir, output_dir, overwrite: bool = False, compe
 
 
 def _export(checkpoint_dir, output_dir, compensate: str, corpus, calibration_batches: int) -> dict:
-    model = load_checkpoint(checkpoint_dir)  # a damaged checkpoint is reported as such before anything else is read
+    model = load_checkpoint(checkpoint_dir, torch.float32)  # a damaged checkpoint is reported as such before anything else is read
     tokenizer = checkpoint_tokenizer(checkpoint_dir, model.config.vocab_size)
     calibration, settings = (checkpoint_calibration(checkpoint_dir, tokenizer, corpus, calibration_batches)
                              if compensate == "on" else (None, {}))
@@ -420,7 +422,7 @@ def verify_student(checkpoint_dir, student_dir, tolerance: float = 1e-4) -> dict
     does not match)."""
     from transformers import AutoModelForMaskedLM
 
-    model = load_checkpoint(checkpoint_dir)
+    model = load_checkpoint(checkpoint_dir, torch.float32)
     try:
         student = AutoModelForMaskedLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     except Exception as exc:

@@ -274,6 +274,8 @@ def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: in
     """Max |logit difference| between the compactor model and the student on random padded inputs; for a base-encoder
     student (`fold(model, with_head=False)`), max |difference| of the encoder outputs at the kept hidden channels
     (the compactor model's masked channels are zero there)."""
+    while getattr(model, "wid_state", None) is None and hasattr(model, "module"):  # DDP and the like
+        model = model.module
     if getattr(model, "wid_state", None) is None or getattr(student, "wid_state", None) is not None:
         raise TypeError("verify_fold(model, student): `model` is the attached (compactor) model and `student` its fold")
     inputs = fold_check_inputs(student.config, batch_size, seq_len, seed)

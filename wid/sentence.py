@@ -114,11 +114,11 @@ def load_sentence_encoder(model_dir, device: str = "cpu"):
     plain_model_config(model_dir, SentenceEncoderError)
     try:
         with quiet_transformers():
-            if sentence_modules(model_dir) is not None:
-                return SentenceTransformer(str(model_dir), device=device)
+            if sentence_modules(model_dir) is not None:  # compared in fp32, whatever dtype the folder was saved in
+                return SentenceTransformer(str(model_dir), device=device).float()
             transformer = models.Transformer(str(model_dir))
             pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
-            return SentenceTransformer(modules=[transformer, pooling], device=device)
+            return SentenceTransformer(modules=[transformer, pooling], device=device).float()
     except Exception as exc:  # noqa: BLE001 - missing weights or tokenizer, unsupported architecture
         reason = (str(exc).strip().splitlines() or [""])[0][:160]
         raise SentenceEncoderError(f"cannot load {model_dir} as a sentence encoder ({type(exc).__name__}: {reason}); pass a "

@@ -220,9 +220,9 @@ def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axe
         return None
     for index, (param, keep, axis) in enumerate(zip(params, keeps, keep_axes)):
         if keep is not None:
-            if not -param.dim() <= axis < param.dim():
-                raise ValueError(f"wid_adamw_multi_tensor: keep_axes[{index}] = {axis} is not an axis of a "
-                                 f"{param.dim()}-D parameter")
+            if not 0 <= axis < param.dim():  # the backends read the axis as given: no negative axes
+                raise ValueError(f"wid_adamw_multi_tensor: keep_axes[{index}] = {axis} is not an axis (0 to "
+                                 f"{param.dim() - 1}) of a {param.dim()}-D parameter")
             _check_mask("wid_adamw_multi_tensor", f"keeps[{index}]", keep, param.shape[axis])
     return _call("wid_adamw_multi_tensor", params[0], params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, lr,
                  beta1, beta2, eps, weight_decay, penalty, masks_active, update_rule)

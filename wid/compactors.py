@@ -281,6 +281,13 @@ def attach(model, config: WIDConfig):
     return model
 
 
+def unwrap(model):
+    """The model inside DDP/FSDP/compile wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def wid_state(model) -> WIDState:
     state = getattr(model, "wid_state", None)
     if state is None:

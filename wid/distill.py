@@ -3,7 +3,8 @@
 `DistillArguments` holds the WID-specific flags of `wid distill`; the Trainer's own options come in
 a `transformers.TrainingArguments`. With no teacher or corpus given, the run uses the built-in default
 (all-MiniLM-L6-v2 and the shipped corpus, DEFAULT_RUN) sized to finish on a 2-core CPU in about 10
-minutes; a flag given (`--max_steps 800`) replaces that one value and keeps the others. `--method` swaps WID for a baseline of the same student shape and budget (baselines.py).
+minutes; a flag given (`--max_steps 800`) replaces that one value and keeps the others. `--method`
+swaps WID for a baseline of the same student shape and budget (baselines.py).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ and a uniform config of the same `model_type`, loadable anywhere with `from_pret
 Every linear becomes `W_S = Q[keep_out]·W·L[:, keep_in]`, `b_S = (Q·b)[keep_out]`; the attention
 scale 1/√d_teacher is folded into the query (× √(d_s/d_teacher)); embeddings, LayerNorms and the
 pooler are index-selected. The computation is done in fp32 on the CPU and checked for non-finite
-values; the student has the dtype of the model's weights; `verify_fold` compares the logits of the compactor model and the student (the kept hidden channels of
-their encoder outputs, for a base-encoder student).
+values; the student has the dtype of the model's weights. `verify_fold` compares the logits of the
+compactor model and the student (for a base-encoder student, the kept hidden channels of their outputs).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import wid_kernels
 
 from .architecture import (base_model, base_prefix, embedding_projection, encoder_layers, family_of, model_inputs,
                            set_widths, submodule)
-from .compactors import wid_state
+from .compactors import unwrap, wid_state
 
 
 class FoldError(ValueError):
@@ -199,7 +199,7 @@ def fold(model, with_head: bool = True, progressbar: bool | None = None, compens
     the compactor model is left unchanged. `compensation` (a calibrated `wid.compensate.CutCompensation`)
     replaces the linears by their compensated versions. A torch.compile'd model is folded as the model it wraps.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     family = family_of(model)
     state = wid_state(model)
     if not state.masks_active and state.config.mask_updates_to_target(state.dims) > 0:
@@ -274,8 +274,7 @@ def verify_fold(model, student, batch_size: int = 4, seq_len: int = 24, seed: in
     """Max |logit difference| between the compactor model and the student on random padded inputs; for a base-encoder
     student (`fold(model, with_head=False)`), max |difference| of the encoder outputs at the kept hidden channels
     (the compactor model's masked channels are zero there)."""
-    while getattr(model, "wid_state", None) is None and hasattr(model, "module"):  # DDP and the like
-        model = model.module
+    model = unwrap(model)  # DDP, compile
     if getattr(model, "wid_state", None) is None or getattr(student, "wid_state", None) is not None:
         raise TypeError("verify_fold(model, student): `model` is the attached (compactor) model and `student` its fold")
     inputs = fold_check_inputs(student.config, batch_size, seq_len, seed)

@@ -70,7 +70,7 @@ class WIDAdamW(torch.optim.Optimizer):
                 wid_kernels.wid_adamw_multi_tensor(
                     *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], penalty=self.penalty, masks_active=active,
-                    update_rule=self.update_rule,
+                    update_rule=self.update_rule, check_masks=False,  # masked_parameters' masks: valid by construction
                 )
         return loss
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .architecture import head_input
-from .compactors import wid_state
+from .compactors import unwrap, wid_state
 from .data import mask_tokens
 from .masks import (KeptWidths, apply_widths, current_widths, masked_entry_norm, masked_parameters, scale_masked_entries,
                     update_masks, zero_masked_entries)
@@ -70,13 +70,6 @@ def trained_model(trainer):
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False).to("cpu").float()
-
-
-def unwrap(model):
-    """The model inside DDP/FSDP/compile wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 class LogLastStep(TrainerCallback):

@@ -208,18 +208,19 @@ def masked_layer_norm(x, residual, gamma, beta, keep, eps):
 
 
 def wid_adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, keeps, keep_axes, is_compactor, *, lr, beta1, beta2,
-                           eps, weight_decay, penalty, masks_active, update_rule="authors"):
+                           eps, weight_decay, penalty, masks_active, update_rule="authors", check_masks=True):
     """In-place WID-AdamW step over lists of tensors (update rule + AdamW without bias correction).
 
     keeps[i] is None (unmasked) or a 1-D bool mask along axis keep_axes[i] of params[i].
     `update_rule`: "authors" (the reference numerics of the authors' code) or "additive" (see
-    `reference.wid_adamw_step`).
+    `reference.wid_adamw_step`). `check_masks=False` skips the per-tensor mask checks (a caller whose masks are
+    valid by construction, every step: wid.WIDAdamW).
     """
     reference.check_update_rule(update_rule)
     if not params:
         return None
     for index, (param, keep, axis) in enumerate(zip(params, keeps, keep_axes)):
-        if keep is not None:
+        if keep is not None and check_masks:
             if not 0 <= axis < param.dim():  # the backends read the axis as given: no negative axes
                 raise ValueError(f"wid_adamw_multi_tensor: keep_axes[{index}] = {axis} is not an axis (0 to "
                                  f"{param.dim() - 1}) of a {param.dim()}-D parameter")

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -84,6 +87,11 @@ int vector_width(int64_t cols, const T* x, std::initializer_list<const R*> wide)
 }
 
 constexpr int kRowBlockMax = 512;  // threads of a row block: one row of up to 512, or rows sharing 256
+// Resident blocks of kRowBlockMax threads the LayerNorm kernels are compiled for: 2 (half of the SM's 2048 threads,
+// 64 registers each). At 4 (32 registers) the 16-byte-vector variants spilled 72-152 bytes per thread to local memory;
+// 1024 threads with four 16-byte loads each in flight are still far more than the bandwidth needs (the compile
+// report's test: no kernel spills).
+constexpr int kRowBlocksPerSm = 2;
 
 int threads_for(int64_t cols, int vec) {
   const int64_t lanes = (cols + vec - 1) / vec;
@@ -112,7 +120,7 @@ int sm_count(int device) {
 // and y's (T, or float beside a bf16/fp16 x: autocast's sublayer output added to the fp32 stream).
 
 template <typename T, typename R, typename A, int V>
-__global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
+__global__ void __launch_bounds__(kRowBlockMax, kRowBlocksPerSm)
     mln_fwd_kernel(const T* __restrict__ x, const R* __restrict__ r, const A* __restrict__ gamma,
                                const A* __restrict__ beta, const uint8_t* __restrict__ keep, A inv_cols, A eps,
                                R* __restrict__ y, A* __restrict__ mean_out, A* __restrict__ rstd_out, int64_t rows,
@@ -186,7 +194,7 @@ __global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
 // the residual's type R, x its own, T (as in the forward).
 
 template <typename T, typename R, typename A, int V>
-__global__ void __launch_bounds__(kRowBlockMax, 2048 / kRowBlockMax)
+__global__ void __launch_bounds__(kRowBlockMax, kRowBlocksPerSm)
     mln_bwd_kernel(const R* __restrict__ dy, const T* __restrict__ x, const R* __restrict__ r,
                                const A* __restrict__ gamma, const uint8_t* __restrict__ keep, A inv_cols,
                                const A* __restrict__ mean, const A* __restrict__ rstd, R* __restrict__ dh,
@@ -345,6 +353,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
   c10::cuda::CUDAGuard guard(x.device());
   LayerNormArgs a = prepare_layer_norm(x, residual, gamma, c10::nullopt, keep, /*host_count=*/false);
   TORCH_CHECK(dy.sizes() == x.sizes(), "masked_layer_norm_bwd: dy shape ", dy.sizes(), " != x shape ", x.sizes());
+  for (const at::Tensor* t : {&dy, &mean, &rstd})
+    TORCH_CHECK(t->device() == x.device(), "masked_layer_norm_bwd: dy, mean and rstd must be on x's device (",
+                x.device(), "), got one on ", t->device());
   const auto acc = acc_dtype(a.out_dtype);
   at::Tensor dy_c = dy.to(a.out_dtype).contiguous();
   at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
@@ -397,7 +408,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(const at::Tensor& dy
 // from pinned memory: no host sync, no per-launch tensor limit). Block b finds its tensor by binary search.
 
 constexpr int64_t kChunk = 65536;
-constexpr int kAdamThreads = 512;
+// 256 threads, 3 resident blocks (85 registers each): the bf16/fp16 16-byte-vector step needs 78; at 512 threads and
+// 4 blocks (32 registers) it spilled 200 bytes per thread, at 2 blocks (64) still 32. 768 threads per SM with four
+// 16-byte loads each in flight keep the memory busy (the compile report's test: no kernel spills).
+constexpr int kAdamThreads = 256;
+constexpr int kAdamBlocksPerSm = 3;
 enum : int64_t { kHasKeep = 1, kByRow = 2, kAddParam = 4 };
 
 // One tensor's descriptor: int64 words, so that the whole table is one int64 tensor.
@@ -408,7 +423,7 @@ struct AdamwTensor {
 constexpr int kWords = sizeof(AdamwTensor) / sizeof(int64_t);
 
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kAdamThreads, 2048 / kAdamThreads)
+__global__ void __launch_bounds__(kAdamThreads, kAdamBlocksPerSm)
     adamw_kernel(const AdamwTensor* __restrict__ tensors, const int64_t* __restrict__ chunk_start, int n_tensors,
                  A lr, A beta1, A beta2, A eps, A decay, A pen_lo, A pen_hi, bool masks_active, bool has_extra,
                  bool authors_rule) {
@@ -465,7 +480,8 @@ __global__ void __launch_bounds__(kAdamThreads, 2048 / kAdamThreads)
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const bool kept = !keep || (by_row ? keep[row] : keep[col]) != 0;
+      // lanes past the end (a vector tail) read no mask byte: keep[rows] would be past the mask
+      const bool kept = !keep || (i + k < end && (by_row ? keep[row] : keep[col]) != 0);
       const A pa = static_cast<A>(pv[k]), ga = static_cast<A>(gv[k]);
       A g;
       if (masks_active) {
@@ -516,21 +532,30 @@ bool capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Device copies of descriptor tables, found by content (and device and stream): in steady training the
-// tensors keep their addresses, so a step uploads nothing. A table used while a CUDA graph is captured stays
-// for the life of the process (every replay reads it); the others are evicted least recently used first.
+// Device copies of descriptor tables, found by content (and device): in steady training the tensors keep their
+// addresses, so a step uploads nothing. The upload is asynchronous on the stream of the step that made it; a step on
+// another stream waits for it (an event) and the table is recorded as in use there, so the allocator reuses its block
+// only after that stream's kernels. A CUDA graph captures on a stream of its own (torch.cuda.graph), after
+// synchronising the device: there the upload has completed, the table is taken as it is and stays for the life of the
+// process (every replay reads it); the other tables are evicted least recently used first. `get` returns the table
+// itself (a reference), so another thread's eviction cannot free it before this step's launch.
 class DescriptorTables {
  public:
-  const int64_t* get(const std::vector<int64_t>& words, at::Device device, cudaStream_t stream) {
+  at::Tensor get(const std::vector<int64_t>& words, at::Device device, c10::cuda::CUDAStream stream) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const bool in_capture = capturing(stream);
+    const bool in_capture = capturing(stream.stream());
     ++clock_;
     for (Entry& e : entries_) {
-      if (e.device == device && e.stream == stream && e.words == words) {
-        e.last_use = clock_;
-        e.kept_for_graph = e.kept_for_graph || in_capture;
-        return e.table.data_ptr<int64_t>();
+      if (e.device != device || e.words != words) continue;
+      e.last_use = clock_;
+      e.kept_for_graph = e.kept_for_graph || in_capture;
+      const bool known = std::find(e.streams.begin(), e.streams.end(), stream.stream()) != e.streams.end();
+      if (!known && !in_capture) {
+        e.uploaded.block(stream);
+        c10::cuda::CUDACachingAllocator::recordStream(e.table.storage().data_ptr(), stream);
+        e.streams.push_back(stream.stream());
       }
+      return e.table;
     }
     TORCH_CHECK(!in_capture,
                 "wid_adamw_step (CUDA): these tensors were not stepped before the CUDA graph capture; run one "
@@ -538,21 +563,28 @@ class DescriptorTables {
     at::Tensor host = at::empty({static_cast<int64_t>(words.size())},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
-    // the caching host allocator records the copy's stream: the pinned buffer is not reused too early
-    Entry e{words, host.to(device, /*non_blocking=*/true), device, stream, clock_, false};
     evict_one_if_full();
-    entries_.push_back(std::move(e));
-    return entries_.back().table.data_ptr<int64_t>();
+    entries_.emplace_back();
+    Entry& e = entries_.back();
+    e.words = words;
+    // the caching host allocator records the copy's stream: the pinned buffer is not reused too early
+    e.table = host.to(device, /*non_blocking=*/true);
+    e.uploaded.record(stream);
+    e.device = device;
+    e.streams.push_back(stream.stream());
+    e.last_use = clock_;
+    return e.table;
   }
 
  private:
   struct Entry {
     std::vector<int64_t> words;
-    at::Tensor table;  // freed on this entry's stream: stream-ordered reuse by the caching allocator
-    at::Device device;
-    cudaStream_t stream;
-    uint64_t last_use;
-    bool kept_for_graph;
+    at::Tensor table;  // freed stream-ordered on every stream that used it (recordStream)
+    at::cuda::CUDAEvent uploaded;
+    at::Device device = at::Device(at::kCUDA);
+    std::vector<cudaStream_t> streams;  // streams ordered after the upload
+    uint64_t last_use = 0;
+    bool kept_for_graph = false;
   };
   static constexpr size_t kEvictable = 16;
 
@@ -568,7 +600,7 @@ class DescriptorTables {
   }
 
   std::mutex mutex_;
-  std::vector<Entry> entries_;
+  std::list<Entry> entries_;
   uint64_t clock_ = 0;
 };
 
@@ -580,7 +612,7 @@ DescriptorTables& descriptor_tables() {
 // One launch for `items` (one dtype; vector width V: all 16-byte aligned, or 1).
 template <typename T, int V>
 void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
-                  double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
+                  double decay, double penalty, bool masks_active, bool authors_rule, c10::cuda::CUDAStream stream) {
   using A = at::opmath_type<T>;
   const int64_t n = static_cast<int64_t>(items.size());
   TORCH_CHECK(n < INT32_MAX, "wid_adamw_step: too many tensors");
@@ -599,7 +631,8 @@ void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double 
     chunks += (it.p.numel() + kChunk - 1) / kChunk;
   }
   TORCH_CHECK(chunks <= INT32_MAX, "wid_adamw_step: too many elements for one launch");
-  const int64_t* table = descriptor_tables().get(words, items[0]->p.device(), stream);
+  const at::Tensor table_tensor = descriptor_tables().get(words, items[0]->p.device(), stream);
+  const int64_t* table = table_tensor.data_ptr<int64_t>();
   adamw_kernel<T, A, V><<<static_cast<unsigned>(chunks), kAdamThreads, 0, stream>>>(
       reinterpret_cast<const AdamwTensor*>(table), table + n * kWords, static_cast<int>(n), static_cast<A>(lr),
       static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps), static_cast<A>(decay),
@@ -610,7 +643,7 @@ void adamw_launch(const std::vector<const AdamwItem*>& items, double lr, double 
 // At most two launches per dtype: the 16-byte-aligned tensors with vector accesses, the rest scalar.
 template <typename T>
 void adamw_launch_all(const std::vector<const AdamwItem*>& items, double lr, double beta1, double beta2, double eps,
-                      double decay, double penalty, bool masks_active, bool authors_rule, cudaStream_t stream) {
+                      double decay, double penalty, bool masks_active, bool authors_rule, c10::cuda::CUDAStream stream) {
   std::vector<const AdamwItem*> vectorised, scalar;
   for (const AdamwItem* it : items) (all_aligned(*it) ? vectorised : scalar).push_back(it);
   if (!vectorised.empty())

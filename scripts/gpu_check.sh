@@ -95,6 +95,9 @@ if [ $? -ne 0 ]; then note "environment: $(tail -n1 "$OUT/info.txt")"; exit 1; f
 note "environment: $(grep -E '^(python|torch|triton|transformers) ' "$OUT/info.txt" | tr '\n' ';')"
 
 # 2. Build the extension against this torch (sm_90 on a Hopper GPU; the rehearsal compiles for it too, without a GPU).
+# WID_BUILD_CUDA=1: a build that cannot compile the CUDA kernels fails here, instead of giving a C++-only extension
+# whose GPU tests all skip (tests/test_cuda_ext.py then also asserts that the kernels are in it).
+export WID_BUILD_CUDA=${WID_BUILD_CUDA:-1}
 if [ "$mode" = gpu ]; then
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 else

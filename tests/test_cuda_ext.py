@@ -320,6 +320,20 @@ def test_opcheck_masked_layer_norm_ops(x_dtype, residual_dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("shape", [(5, 0), (0, 7), (2, 0, 3, 0)])
+def test_fake_layer_norm_matches_the_kernel_on_empty_inputs(shape):
+    """Zero rows or zero channels: the fake gives the statistics the kernel returns (torch.compile and opcheck
+    compare them)."""
+    x = torch.randn(shape)
+    keep = torch.ones(shape[-1], dtype=torch.bool)
+    torch.library.opcheck(ops.masked_layer_norm_fwd.default, (x, None, None, None, keep, 1e-5))
+    real = ops.masked_layer_norm_fwd(x, None, None, None, keep, 1e-5)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = ops.masked_layer_norm_fwd(mode.from_tensor(x), None, None, None, mode.from_tensor(keep), 1e-5)
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+
+
+@needs_ext
 def test_opcheck_wid_adamw_step():
     params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32)
     torch.library.opcheck(ops.wid_adamw_step.default, (params, grads, avgs, sqs, keeps, axes, [True] * 4, 1e-2, 0.9,
@@ -400,6 +414,32 @@ def test_gpu_wid_adamw_many_and_large_tensors():
     params = state[0]
     params[1] = torch.cat([params[1].new_zeros(1), params[1].flatten()])[1:].view(700, 300)
     _check_adamw(torch.float32, "cuda", 20.0, True, True, steps=2, state=state)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_wid_adamw_steps_on_another_stream_after_the_table_was_uploaded():
+    """The descriptor table uploaded by a step on one stream serves a step on another (the upload is waited for,
+    the table kept alive for that stream), and freshly allocated tensors on a side stream get their own table."""
+    params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32, "cuda", seed=4, sizes=[(37, 700), (5, 3)])
+    compactor = [True, True]
+    args = lambda: (params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
+                    HYPER["eps"], HYPER["weight_decay"], 20.0, True, "authors")
+    expected = tuple([t.detach().cpu().clone() for t in ts] for ts in (params, avgs, sqs))
+    cpu_grads, cpu_keeps = [g.cpu() for g in grads], [None if k is None else k.cpu() for k in keeps]
+    cuda_ext.wid_adamw_multi_tensor(*args())  # uploads on the default stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            cuda_ext.wid_adamw_multi_tensor(*args())  # the same addresses: the same table, on another stream
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for _ in range(3):
+        expected = _reference_step((expected[0], cpu_grads, expected[1], expected[2]), cpu_keeps, axes, compactor, 20.0, True)
+    for got_list, expected_list in zip((params, avgs, sqs), expected):
+        for got, exp in zip(got_list, expected_list):
+            _close(got.cpu(), exp, torch.float32, "across streams", 1e-5)
 
 
 @pytest.mark.gpu

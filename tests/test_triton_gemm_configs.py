@@ -210,7 +210,8 @@ def test_the_choice_fills_the_gpu_for_wids_shapes(elem_bytes, sms):
         else:  # the smallest tile: either it fills the GPU or the output is too small and K too short to split
             smaller_fills = programs >= sms
             assert smaller_fills or K < 2 * fold_mod.MIN_SPLIT_K, (M, N, K, config)
-        assert config.block_k * elem_bytes == 128 and config.num_stages >= 3  # 128-byte rows of K
+        # 128-byte rows of K in half precision; 64-byte ones in fp32, whose FMA loop spills at 128 (compile report)
+        assert config.block_k * elem_bytes == (128 if elem_bytes <= 2 else 64) and config.num_stages >= 3
 
 
 def test_the_choice_for_bert_base():

@@ -75,7 +75,10 @@ def _resources(cubin_file: str, arch: int) -> dict:
     found = {}
     for name, fields in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", usage):
         values = dict(re.findall(r"(\w+):(\d+)", fields))
-        found[name] = [int(values.get("REG", 0)), int(values.get("LOCAL", 0)), int(values.get("SHARED", 0)), False]
+        # spilled registers live in the stack frame (STACK); LOCAL counts local arrays the compiler could not keep
+        # in registers: both are local memory, a DRAM round trip per access
+        local = int(values.get("STACK", 0)) + int(values.get("LOCAL", 0))
+        found[name] = [int(values.get("REG", 0)), local, int(values.get("SHARED", 0)), False]
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S):
         if name in found:
             found[name][3] = bool(MMA.search(body))

@@ -50,6 +50,9 @@ def _stats_dtype(dtype):
 
 
 def _rows(x):
+    """The statistics' length, as the kernels count it: x.numel() / width rows, none for a zero-width x."""
+    if x.dim() and x.shape[-1] == 0:
+        return 0
     return math.prod(x.shape[:-1]) if x.dim() else 1
 
 

@@ -187,7 +187,10 @@ def choose_config(M, N, K, elem_bytes=2, sms=SMS_ASSUMED, interpret=INTERPRET) -
     """The deterministic choice for C (M×N) = A (M×K)·B (K×N) in `elem_bytes`-wide operands (module docstring)."""
     if interpret:
         return INTERPRET_CONFIG
-    bk, stages = (64, 4) if elem_bytes <= 2 else (32, 3)  # 32 KB of operands per stage either way
+    # half precision: 128-byte rows of K, 32 KB of operands per 128x128 stage. fp32: 64-byte rows (two 32-byte
+    # sectors), 16 KB per stage, one more stage: at BLOCK_K 32 the IEEE FMA loop of the 128x128 dQ tile (rank-1
+    # epilogue) needed more than 255 registers and spilled (the compile report)
+    bk, stages = (64, 4) if elem_bytes <= 2 else (16, 4)
     tiles = _tiles(M, N, 128, 128)
     if tiles >= sms:
         return GemmConfig(128, 128, bk, 8, 8, stages)

@@ -215,6 +215,25 @@ def test_warnings_of_the_command_are_one_line_without_source_code():
     assert "set_backend(" not in result.stderr  # Python's default format would print the warning's source line
 
 
+def test_a_cpu_run_does_not_ask_for_pinned_memory(monkeypatch):
+    """Without an accelerator the Trainer's dataloader_pin_memory=True only warns ("no accelerator is found") on every
+    run: the command turns it off there, unless it is given."""
+    import wid.cli
+    import wid.distill
+
+    seen = {}
+    monkeypatch.setattr(wid.distill, "run_distillation", lambda args, training_args, callbacks=(): seen.update(t=training_args) or {})
+    monkeypatch.setattr(wid.distill, "format_summary", lambda summary: "")
+    monkeypatch.setattr(wid.cli, "_has_accelerator", lambda: False)
+    assert main(["distill", "--max_steps", "3"]) == 0
+    assert seen["t"].dataloader_pin_memory is False
+    assert main(["distill", "--max_steps", "3", "--dataloader_pin_memory", "true"]) == 0
+    assert seen["t"].dataloader_pin_memory is True
+    monkeypatch.setattr(wid.cli, "_has_accelerator", lambda: True)
+    assert main(["distill", "--max_steps", "3"]) == 0
+    assert seen["t"].dataloader_pin_memory is True
+
+
 def test_a_resume_of_the_default_run_keeps_the_checkpoints_w_step(monkeypatch):
     """The default run's w_step is not forced on a resume: the checkpoint's (fitted to a short --max_steps) is kept."""
     import wid.distill

@@ -14,6 +14,7 @@ from distill_fixtures import distill_argv, write_corpus
 from family_fixtures import FAMILY_CASES, family_config, family_teacher, family_tokenizer, write_family_teacher
 from wid.architecture import UnsupportedModelError, family_of
 from wid.cli import main
+from wid.sentence import embedding_dimension, st_modules
 
 MODEL_TYPES = {"electra-projected": "electra"}
 
@@ -177,13 +178,16 @@ def test_unsupported_families_get_one_line_naming_the_supported(model_type, tmp_
 
 
 def _sentence_teacher(path, case="bert", extra_module=None):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
 
+
+    models = st_modules()
     model_dir = write_family_teacher(path / "plain", case, with_head=False)
     transformer = models.Transformer(str(model_dir), max_seq_length=32)
-    modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean"), models.Normalize()]
+    width = embedding_dimension(transformer)
+    modules = [transformer, models.Pooling(width, pooling_mode="mean"), models.Normalize()]
     if extra_module == "Dense":
-        modules.insert(2, models.Dense(transformer.get_word_embedding_dimension(), 5))
+        modules.insert(2, models.Dense(width, 5))
     SentenceTransformer(modules=modules, device="cpu").save(str(path / "teacher"))
     return path / "teacher"
 
@@ -203,7 +207,7 @@ def test_a_sentence_encoder_teacher_gives_a_sentence_encoder_student(case, tmp_p
     pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
     widths = [pooling[k] for k in ("word_embedding_dimension", "embedding_dimension") if k in pooling]
     assert widths and set(widths) == {6}  # whichever key this sentence-transformers version writes
-    assert encoder.get_sentence_embedding_dimension() == 6
+    assert embedding_dimension(encoder) == 6
     assert T.AutoModel.from_pretrained(out).config.hidden_size == 6
     capsys.readouterr()
     texts = tmp_path / "texts.txt"

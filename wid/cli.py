@@ -27,6 +27,13 @@ def _given(argv, name) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def distill(argv) -> int:
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -54,6 +61,8 @@ def distill(argv) -> int:
         defaults["max_grad_norm"] = CLIP_BY_RECIPE  # the recipe decides (the Trainer's own default is 1.0)
     if not _given(argv, "save_steps") and not _given(argv, "save_strategy"):
         defaults["save_steps"] = 500
+    if not _given(argv, "dataloader_pin_memory") and not _has_accelerator():
+        defaults["dataloader_pin_memory"] = "false"  # the Trainer's default warns on every CPU run that it cannot pin
     if defaults:
         argv = list(argv) + [item for key, value in defaults.items() for item in (f"--{key}", str(value))]
         args_again, training_args = parser.parse_args_into_dataclasses(args=argv)

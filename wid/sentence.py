@@ -105,9 +105,29 @@ def write_sentence_files(teacher_dir, student_dir, hidden_size: int) -> bool:
     return True
 
 
+def st_modules():
+    """sentence-transformers' module classes (Transformer, Pooling, Dense, Normalize): `sentence_transformer.modules`
+    from 6.3 on, where the older `sentence_transformers.models` still works but warns."""
+    try:
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules
+    return modules
+
+
+def embedding_dimension(module) -> int:
+    """A module's output width under either name sentence-transformers has given the method (renamed in 6.3)."""
+    method = getattr(module, "get_embedding_dimension", None)
+    if method is None:
+        method = getattr(module, "get_sentence_embedding_dimension", None) or module.get_word_embedding_dimension
+    return method()
+
+
 def load_sentence_encoder(model_dir, device: str = "cpu"):
     """A SentenceTransformer of the folder: its own modules, or mean pooling over a plain model's last hidden state."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    models = st_modules()
 
     from .export import plain_model_config, quiet_transformers
 
@@ -117,7 +137,7 @@ def load_sentence_encoder(model_dir, device: str = "cpu"):
             if sentence_modules(model_dir) is not None:  # compared in fp32, whatever dtype the folder was saved in
                 return SentenceTransformer(str(model_dir), device=device).float()
             transformer = models.Transformer(str(model_dir))
-            pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+            pooling = models.Pooling(embedding_dimension(transformer), pooling_mode="mean")
             return SentenceTransformer(modules=[transformer, pooling], device=device).float()
     except Exception as exc:  # noqa: BLE001 - missing weights or tokenizer, unsupported architecture
         reason = (str(exc).strip().splitlines() or [""])[0][:160]

@@ -275,7 +275,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         devices=dict(cpu=device_name(torch.device("cpu")),
                      cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
         backends={name: reason or "available" for name, reason in wid_kernels.available_backends().items()},
-        commit=git("rev-parse", "--short", "HEAD"),
+        commit=git("rev-parse", "--short", "HEAD") or os.environ.get("WID_COMMIT", ""),  # a copy without .git: the caller's
         dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
         time_budget_s=_session["budget"] or None,
         not_measured=list(_session["not_measured"]),

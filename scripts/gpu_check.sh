@@ -35,7 +35,8 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, record the 
     local allowed=$(( $(left) < limit ? $(left) : limit ))
     if [ "$allowed" -lt 10 ]; then note "$name: skipped (time budget spent)"; failures=$((failures + 1)); return 1; fi
     local t0=$(date +%s)
-    timeout "$allowed" "$@" >> "$log" 2>&1
+    # SIGINT first: pytest then still writes its summary, the junit XML and the benchmark JSON; SIGKILL 15 s later
+    timeout -s INT -k 15 "$allowed" "$@" >> "$log" 2>&1
     local rc=$?
     local took=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then note "$name: ok (${took} s)"; else
@@ -45,7 +46,15 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, record the 
     return $rc
 }
 
-note "mode $mode; date $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+# The device copy of the tree may have no .git: WID_COMMIT (e.g. WID_COMMIT=$(git rev-parse --short HEAD) in the
+# command) names the commit there, and the benchmark report records it too.
+if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet 2>/dev/null || commit="$commit (with uncommitted changes)"
+else
+    commit="${WID_COMMIT:-unknown (no git here; set WID_COMMIT)}"
+fi
+export WID_COMMIT=${WID_COMMIT:-${commit%% *}}
+note "mode $mode; date $(date -u '+%Y-%m-%d %H:%M UTC'); commit $commit"
 
 # 1. The Python environment: the image's python on a GPU; a fresh venv with the image's versions for the rehearsal.
 if [ "$mode" = cpu ]; then
@@ -115,7 +124,7 @@ if "$PY" -c "import xdist" > /dev/null 2>&1; then
     [ "$n" -gt 1 ] && workers=(-n "$n")
 fi
 note "kernel tests: ${workers[*]:-one process (pytest-xdist absent)}"
-step "kernel tests" 240 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
+step "kernel tests" 240 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" "${workers[@]}" \
     --junitxml="$OUT/tests.xml" tests/test_gpu_compiled.py tests/test_dispatch.py tests/test_kernels.py tests/test_triton.py tests/test_cuda_ext.py \
     tests/test_optim.py tests/test_backends_training.py tests/test_host_syncs.py tests/test_triton_gemm_configs.py
 note "tests: $(tail -n1 "$OUT/tests.log")"
@@ -126,7 +135,8 @@ note "tests: $(tail -n1 "$OUT/tests.log")"
 bench_budget=$(( $(left) - 45 )); [ "$bench_budget" -lt 1 ] && bench_budget=1  # 0 would mean "no limit"
 if [ "$mode" = gpu ]; then
     step "benchmark report (GPU, time budget ${bench_budget} s)" 600 "$OUT/bench.log" "$PY" benchmarks/report.py --gpu \
-        --time-budget "$bench_budget" && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+        --time-budget "$bench_budget"
+    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"  # also after a stop at the time limit: the report has what was timed
 else
     step "benchmark report (CPU, quick, time budget ${bench_budget} s)" 600 "$OUT/bench.log" "$PY" benchmarks/report.py \
         --cpu --quick --time-budget "$bench_budget"

@@ -1,11 +1,14 @@
-"""Training steps between mask updates do not wait for the device (no host syncs from wid or wid_kernels).
+"""Training steps between mask updates do not wait for the device (no host syncs from wid or wid_kernels but one).
 
-On a GPU every `.item()`, `nonzero`, `.tolist()` or tensor-to-bool/int/float conversion stops the host until the
-device has caught up, and rules out CUDA graphs. On the CPU nothing waits, so the test counts those calls made
-by wid's and wid_kernels' own code (not the Trainer's, not Triton's interpreter) during WIDTrainer steps that do
-not update masks, on every backend that runs here; on a GPU, `torch.cuda.set_sync_debug_mode("warn")` also reports
-every sync the device sees, and those raised from our code must be none.
+On a GPU every `.item()`, `nonzero`, `.tolist()`, indexing with a bool tensor or tensor-to-bool/int/float conversion
+stops the host until the device has caught up, and rules out CUDA graphs. On the CPU nothing waits, so the test
+counts those calls made by wid's and wid_kernels' own code (not the Trainer's, not Triton's interpreter) during
+WIDTrainer steps that do not update masks, on every backend that runs here; on a GPU,
+`torch.cuda.set_sync_debug_mode("warn")` also reports every sync the device sees, and those raised from our code
+must be none. The exception is deliberate and counted: a Trainer step finds its masked positions once
+(`wid.training.masked_rows`: the MLM head's row count depends on the data); the plain loop has none.
 """
+import inspect
 import sys
 import warnings
 from pathlib import Path
@@ -17,27 +20,42 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 import wid
 import wid_kernels
 from conftest import make_teacher
-from wid.training import WIDTrainer, WIDScheduleCallback
+from wid.training import WIDScheduleCallback, WIDTrainer, masked_rows
 
 OURS = tuple(str(Path(module.__file__).resolve().parent) for module in (wid, wid_kernels))
 BACKENDS = [name for name, reason in wid_kernels.available_backends().items() if reason is None]
 SYNCING = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 
 
+# The one sync a Trainer step makes on purpose: the number of masked positions (the MLM head's rows) is
+# data-dependent (wid.training.masked_rows says why, and that it is made once per step).
+DELIBERATE = {masked_rows.__code__}
+
+
+def _selects_by_mask(index) -> bool:
+    """Indexing with a bool tensor (alone or in a tuple): a data-dependent shape, hence a sync on a GPU."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
+
+
 class SyncCounter:
-    """Patches the syncing Tensor methods (and torch.nonzero) to record calls whose caller is our code."""
+    """Patches the syncing Tensor methods (torch.nonzero, and indexing with a bool tensor, which runs nonzero in C++)
+    to record calls whose caller is our code, except the deliberate one (DELIBERATE)."""
 
     def __init__(self):
-        self.calls, self.active, self._saved = [], False, []
+        self.calls, self.active, self._saved, self.deliberate = [], False, [], 0
 
-    def _wrap(self, owner, name):
+    def _wrap(self, owner, name, syncs=lambda *args, **kwargs: True):
         original = getattr(owner, name)
 
         def counted(*args, **kwargs):
-            if self.active:
-                caller = sys._getframe(1).f_code.co_filename
-                if caller.startswith(OURS):
-                    self.calls.append(f"{name} at {caller}:{sys._getframe(1).f_lineno}")
+            if self.active and syncs(*args, **kwargs):
+                frame = sys._getframe(1)
+                caller = frame.f_code.co_filename
+                if frame.f_code in DELIBERATE:
+                    self.deliberate += 1
+                elif caller.startswith(OURS):
+                    self.calls.append(f"{name} at {caller}:{frame.f_lineno}")
             return original(*args, **kwargs)
 
         self._saved.append((owner, name, original))
@@ -47,6 +65,7 @@ class SyncCounter:
         for name in SYNCING:
             self._wrap(torch.Tensor, name)
         self._wrap(torch, "nonzero")
+        self._wrap(torch.Tensor, "__getitem__", lambda tensor, index: _selects_by_mask(index))
         return self
 
     def __exit__(self, *exc):
@@ -131,12 +150,21 @@ def test_no_host_sync_between_mask_updates(backend, recipe, tmp_path):
         wid_kernels.set_backend(previous)
     assert counting.counted_steps >= 4
     assert counter.calls == [], "\n".join(sorted(set(counter.calls)))
+    assert counter.deliberate == counting.counted_steps  # the masked rows: once per step, not once per use
     assert _our_device_syncs(caught) == []
 
 
+def _deliberate_lines() -> set:
+    lines, first = inspect.getsourcelines(masked_rows)
+    return {(masked_rows.__code__.co_filename, first + offset) for offset in range(len(lines))}
+
+
 def _our_device_syncs(caught) -> list[str]:
-    """The CUDA sync-debug warnings (GPU only) whose Python caller is wid's or wid_kernels' code."""
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message) and w.filename.startswith(OURS)]
+    """The CUDA sync-debug warnings (GPU only) whose Python caller is wid's or wid_kernels' code, but the
+    deliberate one."""
+    allowed = _deliberate_lines()
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message) and w.filename.startswith(OURS)
+            and (w.filename, w.lineno) not in allowed]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,6 +213,22 @@ def test_the_counter_sees_a_sync_in_our_code():
         torch.ones(()).item()
         counter.active = False
     assert len(counter.calls) == 1 and counter.calls[0].startswith("item at ") and "compactors.py" in counter.calls[0]
+
+
+def test_the_counter_sees_boolean_indexing_in_our_code():
+    """Indexing with a bool mask syncs inside C++ (nonzero): recorded from our code, not from elsewhere, and not from
+    the deliberate `masked_rows`."""
+    counter = SyncCounter()
+    x, mask = torch.randn(4, 3), torch.tensor([True, False, True, True])
+    ours = compile("x[mask]; x[mask, 1:]; x[1:3]; x[torch.tensor([0, 2])]", str(Path(wid.__file__)), "exec")
+    with counter:
+        counter.active = True
+        exec(ours, {"x": x, "mask": mask, "torch": torch})
+        x[mask]  # this file is not ours
+        masked_rows(mask.reshape(2, 2))
+        counter.active = False
+    assert [call.split(" at ")[0] for call in counter.calls] == ["__getitem__", "__getitem__"]
+    assert counter.deliberate == 1
 
 
 def test_mask_views_are_stable_and_follow_copies_and_moves():

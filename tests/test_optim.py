@@ -142,7 +142,7 @@ def _check_entries(model, optimizer, steps=2, moments=None, rule="authors"):
             assert float(optimizer.state[param]["exp_avg"][index]) == pytest.approx(m, rel=1e-5, abs=1e-7)
         moments = [(m, v) for _, m, v in expected]
         for param in model.parameters():
-            param.grad = torch.randn(param.shape, generator=generator)
+            param.grad = torch.randn(param.shape, generator=generator).to(param.device)
 
 
 @pytest.mark.parametrize("penalty", [20.0, 0.5, 1.0])

@@ -390,8 +390,15 @@ def test_compacted_linear_backward_work_falls_with_the_kept_counts(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_on_the_gpu(op):
+    """bf16 operands (tensor cores, fp32 accumulation) against the fp64 reference, errors relative to the output's
+    own size: these products are ~1e-2, where an absolute 5e-2 (as `_close` allows below 1) would accept anything."""
     generator = torch.Generator().manual_seed(0)
     dt = torch.bfloat16
+
+    def close_relative(got, expected, tol, what):
+        size = float(expected.abs().max()) or 1.0
+        _close(got.double() / size, expected / size, tol, what)
+
     if op == "masked_layer_norm":
         x, r, g, b = (_rand(generator, *s, dtype=dt) for s in ((300, 771), (300, 771), (771,), (771,)))
         keep = _keep(771, "scattered", generator)
@@ -404,12 +411,12 @@ def test_bf16_on_the_gpu(op):
         if op == "fold":
             W_eff, b_eff = triton_ops.fold(Q, W, L, b, keep_out, keep_in, 0.5)
             W_ref, b_ref = reference.fold(Q.double(), W.double(), L.double(), b.double(), keep_out, keep_in, 0.5)
-            _close(W_eff, W_ref, 5e-2, "W_eff")
-            _close(b_eff, b_ref, 5e-2, "b_eff")
+            close_relative(W_eff, W_ref, 5e-2, "W_eff")
+            close_relative(b_eff, b_ref, 5e-2, "b_eff")
         else:
             x = _rand(generator, 1000, k, dtype=dt)
             y = triton_ops.compacted_linear(x, Q, W, L, b, keep_out, keep_in)
-            _close(y, reference.compacted_linear(x.double(), Q.double(), W.double(), L.double(), b.double()), 5e-2, "y")
+            close_relative(y, reference.compacted_linear(x.double(), Q.double(), W.double(), L.double(), b.double()), 5e-2, "y")
     else:
         state, keeps, axes, comp = _adamw_case(dt, "scattered", generator)
         ref = [[t.double() for t in s] for s in state]
@@ -445,3 +452,35 @@ def test_backend_refuses_to_load_without_gpu_or_interpreter():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     reason, chosen = out.stdout.strip().splitlines()
     assert "no CUDA GPU" in reason and chosen != "triton"
+
+
+def test_compiled_ops_hand_cpu_tensors_to_the_torch_backend_or_the_reference(monkeypatch):
+    """Compiled Triton reads CUDA memory only (a CPU pointer is refused at launch): with the interpreter off, each op
+    given CPU tensors runs the torch backend's or the reference's computation instead of launching a kernel (as on a
+    GPU machine with `set_backend("triton")` and a model left on the CPU)."""
+    common = importlib.import_module("wid_kernels.backends.triton_ops._common")
+    monkeypatch.setattr(common, "INTERPRET", False)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched on CPU tensors")
+
+    monkeypatch.setattr(common, "launch", no_launch)
+    for module in (fold_mod, mln_mod, adamw_mod):
+        monkeypatch.setattr(module, "launch", no_launch)
+    generator = torch.Generator().manual_seed(2)
+    x, Q, W, L, b = (torch.randn(*s, generator=generator) for s in ((3, 5, 7), (6, 6), (6, 7), (7, 7), (6,)))
+    keep_out = torch.tensor([True, False, True, True, False, True])
+    _close(triton_ops.compacted_linear(x, Q, W, L, b, keep_out, None),
+           reference.compacted_linear(x, Q, W, L, b, keep_out, None), 1e-5, "compacted_linear")
+    for got, expected in zip(triton_ops.fold(Q, W, L, b, keep_out, None, 0.5), reference.fold(Q, W, L, b, keep_out, None, 0.5)):
+        _close(got, expected, 1e-5, "fold")
+    gamma, beta, keep = torch.randn(7, generator=generator), torch.randn(7, generator=generator), torch.rand(7, generator=generator) < 0.6
+    _close(triton_ops.masked_layer_norm(x, None, gamma, beta, keep, 1e-5),
+           reference.masked_layer_norm(x, None, gamma, beta, keep, 1e-5), 1e-5, "masked_layer_norm")
+    state = [[torch.randn(6, 7, generator=generator)] for _ in range(3)] + [[torch.rand(6, 7, generator=generator)]]
+    expected = [[t.clone() for t in group] for group in state]
+    settings = (1e-2, 0.9, 0.999, 1e-6, 0.01, 3.0, True, "authors")
+    triton_ops.wid_adamw_multi_tensor(*state, [keep_out], [0], [True], *settings)
+    reference.wid_adamw_multi_tensor(*expected, [keep_out], [0], [True], *settings)
+    for got, exp in zip(state, expected):
+        _close(got[0], exp[0], 1e-6, "wid_adamw_multi_tensor")

@@ -57,17 +57,17 @@ class DistillationTrainer(MaskedLMTrainer):
             self._parts = None
         super().log(logs, *args, **kwargs)
 
-    def masked_loss(self, logits, targets, inputs, positions):
-        mlm = super().masked_loss(logits, targets, inputs, positions)
+    def masked_loss(self, logits, targets, inputs, rows):
+        mlm = super().masked_loss(logits, targets, inputs, rows)
         with torch.no_grad():
-            self.teacher_selector.positions = positions
+            self.teacher_selector.positions = rows
             try:
                 teacher_logits = self.teacher(**inputs).logits
             finally:
                 self.teacher_selector.positions = None
         t = self.temperature
         kl = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                      log_target=True, reduction="sum") / positions.sum().clamp_min(1)
+                      log_target=True, reduction="sum") / max(rows.numel(), 1)
         if self.model.training:
             parts = torch.stack([mlm.detach().float(), kl.detach().float() * t * t, torch.ones((), device=mlm.device)])
             self._parts = parts if self._parts is None else self._parts + parts

@@ -51,8 +51,19 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def masked_rows(positions: torch.Tensor) -> torch.Tensor:
+    """Flat row indices (into batch × sequence) of the True entries of a bool mask of masked positions.
+
+    How many there are is data-dependent, so on a GPU this is the training step's one host sync (the MLM head's
+    input has that many rows). The trainer computes it once per step and the MLM head, the labels and the kd
+    teacher's head all take these rows (boolean indexing would sync once for each).
+    """
+    return positions.reshape(-1).nonzero().squeeze(1)
+
+
 class MaskedPositionSelector:
-    """While `positions` is set, the MLM head only sees the hidden states at those positions."""
+    """While `positions` is set, the MLM head only sees the hidden states at those positions: a bool mask over batch
+    × sequence, or the row indices `masked_rows` makes of one."""
 
     def __init__(self, head: torch.nn.Module):
         self.positions = None
@@ -61,7 +72,9 @@ class MaskedPositionSelector:
     def _select(self, module, args):
         if self.positions is None:
             return None
-        return (args[0][self.positions],) + tuple(args[1:])
+        rows = masked_rows(self.positions) if self.positions.dtype == torch.bool else self.positions
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),) + tuple(args[1:])
 
 
 def trained_model(trainer):
@@ -118,19 +131,19 @@ class MaskedLMTrainer(Trainer):
                 inputs["input_ids"], special_tokens_mask, tokenizer.mask_token_id, len(tokenizer)
             )
         labels = inputs.pop("labels")
-        positions = labels != -100
-        self.selector.positions = positions
+        rows = masked_rows(labels != -100)
+        self.selector.positions = rows
         try:
             outputs = model(**inputs)
         finally:
             self.selector.positions = None
-        loss = self.masked_loss(outputs.logits, labels[positions], inputs, positions)
+        loss = self.masked_loss(outputs.logits, labels.reshape(-1).index_select(0, rows), inputs, rows)
         return (loss, outputs) if return_outputs else loss
 
-    def masked_loss(self, logits, targets, inputs, positions):
-        """Mean cross-entropy over the masked positions (`logits` holds only those rows)."""
+    def masked_loss(self, logits, targets, inputs, rows):
+        """Mean cross-entropy over the masked positions (`logits` holds only those rows; `rows` are their indices)."""
         summed = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return summed / positions.sum().clamp_min(1)  # no sync; a batch without masked tokens gives 0
+        return summed / max(rows.numel(), 1)  # a batch without masked tokens gives 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The step, with the first non-finite loss recorded on the device: reading it every step would stop a GPU

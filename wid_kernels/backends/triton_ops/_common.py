@@ -21,6 +21,13 @@ def upcast_needed(*dtypes) -> bool:
     return INTERPRET and any(d == torch.bfloat16 for d in dtypes)
 
 
+def runs_here(*tensors) -> bool:
+    """True where the kernels can take these tensors: compiled Triton reads CUDA memory only (a CPU tensor's pointer
+    is refused at launch), the interpreter reads CPU tensors. The ops hand the others to the torch backend or the
+    reference, as the CUDA extension does, so `set_backend("triton")` with a model on the CPU still runs."""
+    return INTERPRET or all(t is None or t.is_cuda for t in tensors)
+
+
 def dot_precision(dtype) -> str:
     """fp32 GEMMs follow torch's TF32 switch, so the backend is as exact as torch.matmul by default."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import kept_indices
+from ._common import kept_indices, runs_here
 from .fold import _supported, fold_into, gather_gemm
 from .. import torch_matmul
 from ...cost_model import folds_every_compactor
@@ -133,6 +133,8 @@ def compacted_linear(x, Q, W, L, bias=None, keep_out=None, keep_in=None):
     plan runs instead."""
     if not _supported(x, Q, W, L, bias):
         return reference.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)
+    if not runs_here(x, Q, W, L, bias):
+        return torch_matmul.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)
     m, k = W.shape
     if not folds_every_compactor(x.numel() // max(k, 1), m, k, Q is not None, L is not None):
         return torch_matmul.compacted_linear(x, Q, W, L, bias, keep_out, keep_in)

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUM, TL_DTYPE, dot_precision, kept_indices, launch, upcast_needed
+from ._common import INTERPRET, SUM, TL_DTYPE, dot_precision, kept_indices, launch, runs_here, upcast_needed
 from ... import reference
 
 __all__ = ["fold", "gather_gemm", "choose_config", "GemmConfig"]
@@ -452,7 +452,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 def fold(Q, W, L, bias=None, keep_out=None, keep_in=None, scale=None):
     """Same contract as `reference.fold` (differentiable too); with no compactor (pure selection) or
     fp64 it defers to the reference."""
-    if (Q is None and L is None) or not _supported(Q, W, L, bias) or torch.is_tensor(scale):
+    if (Q is None and L is None) or not _supported(Q, W, L, bias) or torch.is_tensor(scale) or not runs_here(Q, W, L, bias):
         return reference.fold(Q, W, L, bias, keep_out, keep_in, scale)
     scale = 1.0 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (Q, W, L, bias)):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUM, kept_indices, launch
+from ._common import INTERPRET, SUM, kept_indices, launch, runs_here
 from ... import reference
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_forward", "masked_layer_norm_backward"]
@@ -277,8 +277,10 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 def masked_layer_norm(x, residual, gamma, beta, keep, eps):
     """LayerNorm(x + residual) with statistics over the kept channels; same signature as the reference.
 
-    fp64 (not a training dtype; the kernels compute in fp32) goes to the reference.
+    fp64 (not a training dtype; the kernels compute in fp32) and tensors the kernels cannot read (CPU tensors when
+    compiled) go to the reference.
     """
-    if any(t is not None and t.dtype == torch.float64 for t in (x, residual, gamma, beta)):
+    fp64 = any(t is not None and t.dtype == torch.float64 for t in (x, residual, gamma, beta))
+    if fp64 or not runs_here(x, residual, gamma, beta, keep):
         return reference.masked_layer_norm(x, residual, gamma, beta, keep, eps)
     return _forward(x, residual, gamma, beta, keep, eps)[0]

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TL_DTYPE, launch
+from ._common import INTERPRET, TL_DTYPE, launch, runs_here
 from ... import reference
 
 __all__ = ["wid_adamw_multi_tensor"]
@@ -125,6 +125,8 @@ def _fusable(p, g, m, v, keep, axis):
     tensors = (p, g, m, v)
     if any(t.dtype not in TL_DTYPE for t in tensors) or any(not t.is_contiguous() for t in tensors):
         return False
+    if not runs_here(*tensors, keep):  # compiled kernels read CUDA memory only: the others take the reference step
+        return False
     if any(t.device != p.device or t.shape != p.shape for t in tensors) or p.dim() > 2 or p.numel() > _MAX_NUMEL:
         return False
     if keep is not None:
@@ -145,6 +147,14 @@ def _keep_indexing(p, axis):
     return (max(cols, 1), 1) if axis == 0 else (max(cols, 1), 2)
 
 
+def _upload(table: torch.Tensor, device) -> torch.Tensor:
+    """A host table on `device` without stopping the host: pinned memory and an asynchronous copy (a pageable copy
+    waits for the device; the tables are rebuilt whenever a tensor's address changes, e.g. grads set to None)."""
+    if torch.device(device).type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _chunks(numels, device):
     """int32 (tensor index, chunk index) pairs covering every tensor, built with torch ops (a BERT-base
     group has ~10⁵ chunks: no Python loop over them); depends on the sizes only, so it is cached."""
@@ -155,7 +165,7 @@ def _chunks(numels, device):
         tensor_idx = torch.repeat_interleave(torch.arange(len(numels)), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         chunk_idx = torch.arange(int(counts.sum())) - first
-        hit = torch.stack([tensor_idx, chunk_idx], 1).to(torch.int32).to(device)
+        hit = _upload(torch.stack([tensor_idx, chunk_idx], 1).to(torch.int32), device)
         if len(_chunk_cache) > 64:
             _chunk_cache.clear()
         _chunk_cache[key] = hit
@@ -179,7 +189,7 @@ def _tables(items, device):
             width, keep_by = _keep_indexing(p, axis)
             meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), dummy if k is None else k.data_ptr(),
                          p.numel(), width, keep_by if k is not None else 0, int(k is not None and bool(comp))])
-        meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
+        meta_t = _upload(torch.tensor(meta, dtype=torch.int64), device)
         if len(_table_cache) > 64:
             _table_cache.clear()
         _table_cache[key] = meta_t

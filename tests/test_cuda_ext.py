@@ -416,58 +416,64 @@ def test_gpu_wid_adamw_many_and_large_tensors():
     _check_adamw(torch.float32, "cuda", 20.0, True, True, steps=2, state=state)
 
 
+def _repeated_adamw(seed, sizes):
+    """(step, check) for one fixed CUDA WID-AdamW case: `step()` runs one in-place step of it, `check(steps, what)`
+    compares its tensors with that many reference steps on the CPU."""
+    params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32, "cuda", seed=seed, sizes=sizes)
+    compactor = [True] * len(sizes)
+    start = tuple([t.detach().cpu().clone() for t in ts] for ts in (params, avgs, sqs))
+    cpu_grads, cpu_keeps = [g.cpu() for g in grads], [None if k is None else k.cpu() for k in keeps]
+
+    def step():
+        cuda_ext.wid_adamw_multi_tensor(params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"],
+                                        HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"], 20.0, True, "authors")
+
+    def check(steps, what):
+        expected = start
+        for _ in range(steps):
+            expected = _reference_step((expected[0], cpu_grads, expected[1], expected[2]), cpu_keeps, axes, compactor,
+                                       20.0, True)
+        for got_list, expected_list in zip((params, avgs, sqs), expected):
+            for got, exp in zip(got_list, expected_list):
+                _close(got.cpu(), exp, torch.float32, what, 1e-5)
+
+    return step, check
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_wid_adamw_steps_on_another_stream_after_the_table_was_uploaded():
-    """The descriptor table uploaded by a step on one stream serves a step on another (the upload is waited for,
-    the table kept alive for that stream), and freshly allocated tensors on a side stream get their own table."""
-    params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32, "cuda", seed=4, sizes=[(37, 700), (5, 3)])
-    compactor = [True, True]
-    args = lambda: (params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
-                    HYPER["eps"], HYPER["weight_decay"], 20.0, True, "authors")
-    expected = tuple([t.detach().cpu().clone() for t in ts] for ts in (params, avgs, sqs))
-    cpu_grads, cpu_keeps = [g.cpu() for g in grads], [None if k is None else k.cpu() for k in keeps]
-    cuda_ext.wid_adamw_multi_tensor(*args())  # uploads on the default stream
+    """The descriptor table uploaded by a step on one stream serves steps on another (which wait for the upload and
+    keep the table alive for that stream)."""
+    step, check = _repeated_adamw(seed=4, sizes=[(37, 700), (5, 3)])
+    step()  # uploads on the default stream
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            cuda_ext.wid_adamw_multi_tensor(*args())  # the same addresses: the same table, on another stream
+            step()  # the same addresses: the same table, on another stream
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    for _ in range(3):
-        expected = _reference_step((expected[0], cpu_grads, expected[1], expected[2]), cpu_keeps, axes, compactor, 20.0, True)
-    for got_list, expected_list in zip((params, avgs, sqs), expected):
-        for got, exp in zip(got_list, expected_list):
-            _close(got.cpu(), exp, torch.float32, "across streams", 1e-5)
+    check(3, "across streams")
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_wid_adamw_replays_in_a_cuda_graph_after_a_warm_up_step():
     """The descriptor table is uploaded once per set of addresses: after one eager step the step captures
-    into a CUDA graph (the table outlives it) and each replay is one more step; without the warm-up the
-    capture is refused in one line that says what to do."""
-    params, grads, avgs, sqs, keeps, axes = _adamw_case(torch.float32, "cuda", seed=3, sizes=[(37, 70000), (5, 3)])
-    compactor = [True, True]
-    args = lambda: (params, grads, avgs, sqs, keeps, axes, compactor, HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
-                    HYPER["eps"], HYPER["weight_decay"], 20.0, True, "authors")
-    expected = tuple([t.detach().cpu().clone() for t in ts] for ts in (params, avgs, sqs))
-    cpu_grads, cpu_keeps = [g.cpu() for g in grads], [None if k is None else k.cpu() for k in keeps]
+    into a CUDA graph (torch.cuda.graph captures on a stream of its own; the table outlives the graph) and each
+    replay is one more step; without the warm-up the capture is refused in one line that says what to do."""
+    step, check = _repeated_adamw(seed=3, sizes=[(37, 70000), (5, 3)])
     fresh = [torch.zeros(4, 4, device="cuda") for _ in range(4)]
     with pytest.raises(RuntimeError, match="run one optimizer step eagerly first"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             cuda_ext.wid_adamw_multi_tensor([fresh[0]], [fresh[1]], [fresh[2]], [fresh[3]], [None], [0], [False], 1e-2,
                                             0.9, 0.999, 1e-6, 0.0, 1.0, False, "authors")
-    cuda_ext.wid_adamw_multi_tensor(*args())  # warm-up, eager
+    step()  # warm-up, eager
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cuda_ext.wid_adamw_multi_tensor(*args())  # captured, not run
+        step()  # captured, not run
     for _ in range(2):
         graph.replay()
     torch.cuda.synchronize()
-    for _ in range(3):
-        expected = _reference_step((expected[0], cpu_grads, expected[1], expected[2]), cpu_keeps, axes, compactor, 20.0, True)
-    for got_list, expected_list in zip((params, avgs, sqs), expected):
-        for got, exp in zip(got_list, expected_list):
-            _close(got.cpu(), exp, torch.float32, "after replays", 1e-5)
+    check(3, "after replays")

@@ -279,3 +279,12 @@ def test_the_autotuned_path_times_split_k_with_its_combine_and_caches_per_bucket
     assert len(timed) == 3 and combines == [3, 2, 3, 3] and len(fold_mod._tuned) == 1
     assert _relative_error(got2, a2.double() @ b2.double()) <= 2e-5
     assert _relative_error(bias_out2, a2.double() @ bias2.double()) <= 2e-5
+
+
+def test_an_operand_beyond_int32_offsets_is_refused_before_any_launch():
+    """The GEMM computes element offsets in int32 (weight-sized operands; fewer registers than 64-bit pointer tiles):
+    an operand whose last element lies 2^31 elements or more from its first is refused, not read out of bounds."""
+    a = torch.empty_strided((2, 3), (2 ** 31, 1), device="meta")
+    with pytest.raises(AssertionError, match="too large for int32 offsets"):
+        fold_mod.gather_gemm(a, torch.empty(3, 4, device="meta"))
+    assert fold_mod._last_offset(torch.empty(5, 7).t()) == 5 * 7 - 1 and fold_mod._last_offset(torch.empty(0, 3)) == 0

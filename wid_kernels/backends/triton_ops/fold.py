@@ -58,6 +58,8 @@ def _gather_gemm_kernel(A, B, C, IDX_M, IDX_N, BIAS_IN, BIAS_OUT, U, V, WS, BWS,
                         SCATTER_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK1: tl.constexpr,
                         COMPUTE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Offsets are int32: every operand here is weight-sized (the launcher asserts each one's last element is below
+    # 2^31); 64-bit pointer tiles of the 128x128 store and the gathered loads cost registers the accumulator needs.
     # grouped tile order: consecutive programs share A row tiles in L2
     pid = tl.program_id(0)
     grid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -73,13 +75,13 @@ def _gather_gemm_kernel(A, B, C, IDX_M, IDX_N, BIAS_IN, BIAS_OUT, U, V, WS, BWS,
     m_ok = rm < M
     n_ok = rn < N
     if GATHER_M:
-        a_rows = tl.load(IDX_M + rm, mask=m_ok, other=0).to(tl.int64)
+        a_rows = tl.load(IDX_M + rm, mask=m_ok, other=0)
     else:
-        a_rows = rm.to(tl.int64)
+        a_rows = rm
     if GATHER_N:
-        b_cols = tl.load(IDX_N + rn, mask=n_ok, other=0).to(tl.int64)
+        b_cols = tl.load(IDX_N + rn, mask=n_ok, other=0)
     else:
-        b_cols = rn.to(tl.int64)
+        b_cols = rn
 
     if SPLIT_K == 1:
         k_lo = 0
@@ -105,11 +107,13 @@ def _gather_gemm_kernel(A, B, C, IDX_M, IDX_N, BIAS_IN, BIAS_OUT, U, V, WS, BWS,
     if SPLIT_K > 1:
         # partial launch (n_sum = 0): store this split's sums; combine launch (n_sum = SPLIT_K): add the
         # SPLIT_K partial sums in order, then fall through to the epilogue, which the partial launch masks off
-        ws = WS + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        # int32 offsets (the launcher asserts SPLIT_K·M·N < 2^31): a 128x128 tile of 64-bit pointers live across the
+        # sum would take 128 registers a thread beside the accumulator's 64 (triton 3.6 spilled 48 bytes there, 16 now)
+        ws = rm[:, None] * N + rn[None, :]
         mn_ok = m_ok[:, None] & n_ok[None, :]
         for s in tl.range(0, n_sum, num_stages=1):
-            acc += tl.load(ws + s * M * N, mask=mn_ok, other=0.0)
-        tl.store(ws + tl.program_id(1) * M * N, acc, mask=mn_ok & (n_sum == 0))
+            acc += tl.load(WS + (ws + s * M * N), mask=mn_ok, other=0.0)
+        tl.store(WS + (ws + tl.program_id(1) * M * N), acc, mask=mn_ok & (n_sum == 0))
         if HAS_BIAS:
             bias_ok = m_ok & (pid_n == 0)
             for s in tl.range(0, n_sum, num_stages=1):
@@ -125,11 +129,11 @@ def _gather_gemm_kernel(A, B, C, IDX_M, IDX_N, BIAS_IN, BIAS_OUT, U, V, WS, BWS,
     if SCATTER_M:
         c_rows = a_rows
     else:
-        c_rows = rm.to(tl.int64)
+        c_rows = rm
     if SCATTER_N:
         c_cols = b_cols
     else:
-        c_cols = rn.to(tl.int64)
+        c_cols = rn
     tl.store(C + c_rows[:, None] * s_cm + c_cols[None, :] * s_cn, acc.to(C.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
     if HAS_BIAS:
@@ -303,6 +307,8 @@ def gather_gemm(a, b, *, out=None, rows=None, cols=None, scatter_rows=False, sca
             a_sel = a if rows is None else a[rows.long()]
             bias_out.copy_((a_sel.float() @ bias_in.float()) * bias_scale)
         return out
+    for name, t in (("a", a), ("b", b), ("out", out)):  # the kernel's int32 offsets
+        assert _last_offset(t) < 2 ** 31, f"gather_gemm: {name} of shape {tuple(t.shape)} is too large for int32 offsets"
     compute = torch.float32 if upcast_needed(a.dtype, b.dtype) else torch.promote_types(a.dtype, b.dtype)
     flags = dict(GATHER_M=rows is not None, SCATTER_M=bool(scatter_rows and rows is not None),
                  GATHER_N=cols is not None, SCATTER_N=bool(scatter_cols and cols is not None),
@@ -324,6 +330,13 @@ def gather_gemm(a, b, *, out=None, rows=None, cols=None, scatter_rows=False, sca
         config = choose_config(M, N, K, compute.itemsize, sm_count(a.device))
     _run(params, config)
     return out
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    """The element offset of a 2-D tensor's last element from its first (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
 def _supported(*tensors):

@@ -247,6 +247,16 @@ def _axis_id(axis, value) -> str:
     return str(value)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A run stopped by SIGINT (gpu_check's time limit) in the middle of a benchmark leaves it without a timed round,
+    on which pytest-benchmark's JSON writer fails (and so nothing is written): drop those before it saves."""
+    benchmark_session = getattr(session.config, "_benchmarksession", None)
+    if benchmark_session is not None:
+        benchmark_session.benchmarks[:] = [bench for bench in benchmark_session.benchmarks if bench]
+    yield
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Put the exact command, versions, devices and commit into the JSON, so a report can be rebuilt from it alone."""
     import shlex

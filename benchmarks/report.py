@@ -69,15 +69,14 @@ def run_suites(device: str, sweep: str, json_path: Path, pytest_args: list[str])
         returncode = process.wait()
     except KeyboardInterrupt:  # the same SIGINT reached pytest (one process group): let it finish writing the JSON
         returncode = process.wait()
-    done = subprocess.CompletedProcess(command, returncode)
-    if done.returncode == 0:
+    if returncode == 0:
         if not json_path.exists():  # pytest-benchmark writes no JSON when nothing was timed
             sys.exit("report.py: no benchmark ran (every one was skipped: a time budget spent before the first, or "
                      "no case for this device); no report written")
         return None
-    if done.returncode not in (1, 2) or not json_path.exists():  # 1: some failed; 2: interrupted; else no usable run
-        sys.exit(f"report.py: the benchmark run failed (pytest exit status {done.returncode}); no report written")
-    if done.returncode == 2:  # stopped (gpu_check's time limit sends SIGINT): what was timed before is reported
+    if returncode not in (1, 2) or not json_path.exists():  # 1: some failed; 2: interrupted; else no usable run
+        sys.exit(f"report.py: the benchmark run failed (pytest exit status {returncode}); no report written")
+    if returncode == 2:  # stopped (gpu_check's time limit sends SIGINT): what was timed before is reported
         return "the benchmark run was INTERRUPTED (pytest exit status 2): benchmarks after the stop are not measured."
     return "some benchmarks FAILED in this run (pytest exit status 1; see its output): their cells are empty."
 

@@ -197,3 +197,24 @@ def test_the_report_counts_what_the_budget_left_unmeasured():
     text = report.render({"wid": meta}, _gpu_rows(), "gpu")
     assert "- Not measured: 3 benchmarks, skipped when what was left of the session's time budget (300 s) could not hold them" in text
     assert "Not measured" not in report.render({"wid": {"not_measured": []}}, _gpu_rows(), "gpu")
+
+
+def test_a_benchmark_stopped_before_its_first_round_is_dropped_before_saving():
+    """gpu_check stops a step at its limit with SIGINT; a benchmark caught before any timed round has empty stats,
+    on which pytest-benchmark's JSON writer fails: the session-finish hook drops it first, so the rest is saved."""
+    from types import SimpleNamespace
+
+    from benchmarks import conftest as bench_conftest
+
+    class Timed:  # as pytest-benchmark's Metadata: true when it has timed rounds
+        def __init__(self, rounds):
+            self.rounds = rounds
+
+        def __bool__(self):
+            return bool(self.rounds)
+
+    benchmarks = [Timed([1.0]), Timed([]), Timed([2.0, 3.0])]
+    session = SimpleNamespace(config=SimpleNamespace(_benchmarksession=SimpleNamespace(benchmarks=benchmarks)))
+    finishing = bench_conftest.pytest_sessionfinish(session, 2)
+    next(finishing)  # the part before pytest-benchmark's own session finish (which saves)
+    assert [bench.rounds for bench in benchmarks] == [[1.0], [2.0, 3.0]]

@@ -107,8 +107,7 @@ def _gather_gemm_kernel(A, B, C, IDX_M, IDX_N, BIAS_IN, BIAS_OUT, U, V, WS, BWS,
     if SPLIT_K > 1:
         # partial launch (n_sum = 0): store this split's sums; combine launch (n_sum = SPLIT_K): add the
         # SPLIT_K partial sums in order, then fall through to the epilogue, which the partial launch masks off
-        # int32 offsets (the launcher asserts SPLIT_K·M·N < 2^31): a 128x128 tile of 64-bit pointers live across the
-        # sum would take 128 registers a thread beside the accumulator's 64 (triton 3.6 spilled 48 bytes there, 16 now)
+        # compact (split, M, N) workspace, int32 offsets like every operand (`_workspace` asserts SPLIT_K·M·N < 2^31)
         ws = rm[:, None] * N + rn[None, :]
         mn_ok = m_ok[:, None] & n_ok[None, :]
         for s in tl.range(0, n_sum, num_stages=1):
